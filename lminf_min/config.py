@@ -1,0 +1,92 @@
+"""The model's shape, read from a checkpoint's config.json, and the project's error type."""
+import sys
+from dataclasses import MISSING, dataclass, fields
+
+
+class UserError(Exception):
+    """A problem with the user's input: the CLIs print its one-line message and exit with code 2."""
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Field names are the keys of a Hugging Face Llama config.json."""
+    vocab_size: int               # rows of the embedding and of the LM head
+    hidden_size: int              # d_model
+    intermediate_size: int        # SwiGLU hidden width
+    num_hidden_layers: int        # transformer blocks
+    num_attention_heads: int      # H, query heads
+    num_key_value_heads: int      # H_kv, key/value heads (GQA when < H)
+    head_dim: int                 # D, per-head width
+    max_position_embeddings: int  # L_pretrain, the length the model was trained on
+    rope_theta: float = 10000.0   # RoPE base: frequencies theta^(-2f/D)
+    rms_norm_eps: float = 1e-6    # epsilon inside RMSNorm
+    tie_word_embeddings: bool = False  # LM head shares the embedding matrix
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        """Validate a parsed config.json; refuse anything this forward pass does not compute."""
+        if not isinstance(d, dict):
+            raise UserError("config.json: expected a JSON object; fix the file or re-convert the checkpoint")
+        if d.get("model_type", "llama") != "llama":
+            raise UserError(f"config.json: model_type {d['model_type']!r} is not supported; only Llama-architecture checkpoints are")
+        unsupported = {  # key -> the only value we compute correctly
+            "rope_scaling": None, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
+        for key, ok in unsupported.items():
+            if key in d and d[key] != ok:
+                raise UserError(f"config.json: {key}={d[key]!r} is not supported (only {ok!r}); use a plain Llama checkpoint")
+        d = dict(d)
+        rope = d.get("rope_parameters")  # transformers >= 5 nests rope_theta here
+        if rope is not None:
+            if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+                raise UserError(f"config.json: rope_parameters={rope!r} is not supported (only rope_type 'default'); use a checkpoint without RoPE scaling")
+            d.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+        if "head_dim" not in d and isinstance(d.get("hidden_size"), int) and isinstance(d.get("num_attention_heads"), int) and d["num_attention_heads"] > 0:
+            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        d.setdefault("num_key_value_heads", d.get("num_attention_heads"))
+        if isinstance(d.get("eos_token_id"), list):  # some configs list several; the first one ends generation
+            d["eos_token_id"] = d["eos_token_id"][0] if d["eos_token_id"] else None
+        kwargs = {}
+        for f in fields(cls):
+            if f.name not in d:
+                if f.default is MISSING:
+                    raise UserError(f"config.json: missing field {f.name!r}; add it or re-convert the checkpoint")
+                continue
+            kwargs[f.name] = _checked(f.name, d[f.name], f.type)
+        cfg = cls(**kwargs)
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise UserError(f"config.json: num_attention_heads={cfg.num_attention_heads} is not a multiple of num_key_value_heads={cfg.num_key_value_heads}")
+        if cfg.head_dim % 2:
+            raise UserError(f"config.json: head_dim={cfg.head_dim} must be even for RoPE")
+        return cfg
+
+
+def _checked(name, value, type_):
+    """The value if it has the field's type (ints must be positive), else a UserError naming the field."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if type_ is int:
+        ok, want = number and isinstance(value, int) and value > 0, "a positive integer"
+    elif type_ is float:
+        ok, want = number and value > 0, "a positive number"
+    elif type_ is bool:
+        ok, want = isinstance(value, bool), "true or false"
+    else:  # int | None: a token id
+        ok, want = value is None or (number and isinstance(value, int) and value >= 0), "a token id or null"
+    if not ok:
+        raise UserError(f"config.json: field {name!r} is {value!r}, expected {want}; fix config.json")
+    return float(value) if type_ is float else value
+
+
+def cli(main):
+    """Run a command-line entry point: a UserError becomes one line on stderr and exit code 2, not a traceback."""
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+    return run

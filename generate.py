@@ -1,0 +1,126 @@
+"""Continue a text file with a Llama checkpoint.
+
+    python generate.py --prompt long.txt                  # the default model, SmolLM2-135M-Instruct
+    python generate.py --ckpt DIR --prompt long.txt --max-new-tokens 200 --temperature 0.8
+"""
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import weights as ckpts
+from lminf_min import model
+from lminf_min.config import UserError, cli
+from lminf_min.tokenizer import Tokenizer
+
+PREFILL_CHUNK = 1024  # prompt tokens per forward call: bounds the (chunk, vocab) logits and the attention mask
+
+
+def read_prompt(path):
+    """The prompt file's text; a clear error if it is missing, empty, binary or not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompt file {path} not found; pass --prompt with the path of a text file")
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise UserError(f"prompt file {path} looks binary (it contains NUL bytes); pass a text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompt file {path} is not UTF-8 (byte {e.start}); convert it, e.g. with iconv -t utf-8") from None
+    if not text.strip():
+        raise UserError(f"prompt file {path} is empty; write some text in it")
+    return text
+
+
+def pick_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def sample(logits, temperature, generator):
+    """Next token id from (V,) logits: argmax at temperature 0, else a draw from softmax(logits / T)."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def prefill(weights, cfg, tokens, cache):
+    """Run the prompt through the model chunk by chunk, filling the cache; logits (V,) of its last token."""
+    chunks = tokens.split(PREFILL_CHUNK)
+    for chunk in tqdm(chunks, desc="prefill", unit="chunk", disable=len(chunks) < 4, file=sys.stderr):
+        logits = model.forward(weights, cfg, chunk, cache, last_only=True)
+    return logits[-1]
+
+
+def decode_one_token(weights, cfg, token, cache):
+    """Logits (V,) after one more token."""
+    return model.forward(weights, cfg, token.view(1), cache, last_only=True)[-1]
+
+
+def peak_memory_mb(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: the process's peak RSS
+
+
+@torch.inference_mode()
+def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype):
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens is {max_new_tokens}; it must be 0 or more")
+    if temperature < 0:
+        raise UserError(f"--temperature is {temperature}; it must be 0 (greedy) or more")
+    text = read_prompt(prompt)
+    device = pick_device(device)
+    ckpt = Path(ckpt) if ckpt else ckpts.default_checkpoint()
+    cfg, weights = ckpts.load_checkpoint(ckpt, device=device, dtype=getattr(torch, dtype))
+    tok = Tokenizer(ckpt)
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; use the tokenizer that came with {ckpt}")
+    ids = tok.encode(text)
+    if len(ids) > cfg.max_position_embeddings:
+        print(f"warning: the prompt has {len(ids)} tokens, more than the {cfg.max_position_embeddings} this model was "
+              "trained on; full attention degrades past that length", file=sys.stderr)
+    generator = torch.Generator().manual_seed(seed)
+    cache = model.KVCache(cfg.num_hidden_layers)
+    t0 = time.perf_counter()
+    logits = prefill(weights, cfg, torch.tensor(ids, device=device), cache)
+    t1 = time.perf_counter()
+    out, printed = [], ""
+    for _ in range(max_new_tokens):
+        next_id = sample(logits, temperature, generator)
+        if next_id == cfg.eos_token_id:
+            break
+        out.append(next_id)
+        text_so_far = tok.decode(out)
+        if not text_so_far.endswith("\ufffd"):  # hold back a partial UTF-8 character until it is complete
+            sys.stdout.write(text_so_far[len(printed):])
+            sys.stdout.flush()
+            printed = text_so_far
+        logits = decode_one_token(weights, cfg, torch.tensor(next_id, device=device), cache)
+    t2 = time.perf_counter()
+    print(file=sys.stdout)
+    print(f"prompt {len(ids)} tokens, prefill {len(ids) / (t1 - t0):.0f} tokens/s; generated {len(out)} tokens, "
+          f"{len(out) / max(t2 - t1, 1e-9):.1f} tokens/s; KV cache {cache.nbytes() / 2**20:.0f} MiB; "
+          f"peak memory {peak_memory_mb(device):.0f} MiB ({device}, {dtype})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--ckpt", help="checkpoint directory (config.json, *.safetensors, tokenizer); "
+                        "default: SmolLM2-135M-Instruct, fetched and converted on first use")
+    parser.add_argument("--prompt", required=True, help="text file whose contents the model continues")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (stops early at end-of-text)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (argmax)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    cli(main)(**vars(parser.parse_args()))

@@ -1,0 +1,70 @@
+"""Shared fixtures: random tiny checkpoints written in Hugging Face layout, and the real default model."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+BOTCHAN = ROOT.parent / "shared" / "data" / "botchan.txt"
+
+
+def tiny_config(**overrides):
+    cfg = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+               rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    return cfg | overrides
+
+
+def random_weights(cfg: dict, seed=0, scale=0.2):
+    """Random float32 tensors under the checkpoint names, norm weights near 1."""
+    import weights
+    from lminf_min.config import LlamaConfig
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in weights.expected_shapes(LlamaConfig.from_dict(cfg)).items():
+        base = 1.0 if name.endswith("norm.weight") else 0.0
+        out[name] = (base + scale * rng.standard_normal(shape)).astype(np.float32)
+    return out
+
+
+def write_checkpoint(path: Path, cfg: dict, tensors: dict, shards=1):
+    """config.json plus one model.safetensors, or `shards` files and a model.safetensors.index.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    if shards == 1:
+        save_file(tensors, str(path / "model.safetensors"))
+        return path
+    names, weight_map = sorted(tensors), {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[s::shards]}
+        save_file(part, str(path / file))
+        weight_map |= {n: file for n in part}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    cfg = tiny_config()
+    return write_checkpoint(tmp_path / "tiny", cfg, random_weights(cfg))
+
+
+@pytest.fixture(scope="session")
+def default_ckpt():
+    """The converted SmolLM2-135M-Instruct (converted on first use; .ci/run fetches it first)."""
+    import weights
+    from lminf_min.config import UserError
+    try:
+        return weights.default_checkpoint()
+    except UserError as e:
+        pytest.skip(f"default model unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def botchan():
+    if not BOTCHAN.is_file():
+        pytest.skip(f"{BOTCHAN} not found (../shared/data beside the checkout)")
+    return BOTCHAN.read_text(encoding="utf-8")

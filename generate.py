@@ -96,7 +96,7 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype):
     t1 = time.perf_counter()
     out, printed = [], ""
     for _ in range(max_new_tokens):
-        next_id = sample(logits, temperature, generator)
+        next_id = sample(logits[:tok.vocab_size], temperature, generator)  # padding rows past the vocabulary never win
         if next_id == cfg.eos_token_id:
             break
         out.append(next_id)

@@ -54,7 +54,8 @@ class KVCache:
         return self.k[layer][:, :start + T], self.v[layer][:, :start + T]
 
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+        """Bytes of the keys and values stored (not of the spare capacity)."""
+        return sum(t[:, :self.length].numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 def _grown(buffer, like, keep, capacity):
     """A (H_kv, capacity, D) buffer holding the first `keep` positions of `buffer`."""

@@ -62,6 +62,26 @@ class LlamaConfig:
         return cfg
 
 
+@dataclass(frozen=True)
+class LambdaConfig:
+    """LM-Infinite's three knobs (DESIGN.md §1, paper §3.2). Vanilla attention is the absence of one (None)."""
+    n_global: int  # G: the first G tokens stay visible to every later token ("starting tokens")
+    n_local: int   # L: each token sees the L most recent tokens, itself included
+    d_max: int     # D: no pair is scored at a relative distance larger than this
+
+    @classmethod
+    def for_model(cls, cfg: LlamaConfig, n_global=10, n_local=None, d_max=None):
+        """The paper's defaults: G = 10, L = D = the length the model was trained on."""
+        n_local = cfg.max_position_embeddings if n_local is None else n_local
+        return cls(n_global, n_local, n_local if d_max is None else d_max)
+
+    def __post_init__(self):
+        for name, least in (("n_global", 0), ("n_local", 1), ("d_max", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise UserError(f"{name} is {value!r}; it must be an integer >= {least}")
+
+
 def _checked(name, value, type_):
     """The value if it has the field's type (ints must be positive), else a UserError naming the field."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)

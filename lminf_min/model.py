@@ -3,10 +3,14 @@
 Shapes: T queries, S keys, C hidden size, H query heads, H_kv key/value heads, D head dim, V vocab.
 Weights are a dict keyed by the checkpoint's own tensor names (see weights.load_checkpoint).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .config import LlamaConfig
+from .config import LambdaConfig, LlamaConfig, UserError
+
+BLOCK = 512  # queries per step of the Λ path: its scores are (H, BLOCK, G + BLOCK + L), never (H, T, T)
 
 def rms_norm(x, weight, eps):
     """x / rms(x) * weight over the last axis, computed in float32: bf16 squares lose too much."""
@@ -24,15 +28,54 @@ def rope(x, angles):
     cos, sin = angles.cos().float(), angles.sin().float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
-def attention(q, k, v):
-    """Causal attention of the T queries that are the last T of S positions. q: (H, T, D), k, v: (H_kv, S, D).
+def attention(q, k, v, theta, lam: LambdaConfig | None = None):
+    """Attention of the T queries that are the last T of S positions. q: (H, T, D), k, v: (H_kv, S, D).
 
-    SDPA's enable_gqa shares each key/value head among H/H_kv query heads without copying them; the leading
-    batch axis of 1 matters: with 4-D inputs torch picks its fused (flash) kernel on CPU, 3x faster.
+    q and k come rotated at their absolute positions. Without lam: causal attention through SDPA, whose
+    enable_gqa shares each key/value head among H/H_kv query heads without copying (the batch axis of 1
+    matters: with 4-D inputs torch picks its fused flash kernel on CPU, 3x faster). With lam: Λ attention.
     """
+    if lam is not None:
+        return lambda_attention(q, k, v, theta, lam)
     T, S = q.shape[1], k.shape[1]
     mask = None if T == S else torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + (S - T)
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=T == S, enable_gqa=True)[0]  # (H, T, D)
+
+
+def lambda_attention(q, k, v, theta, lam: LambdaConfig):
+    """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory: blocks of BLOCK queries.
+
+    Each block scores two groups of keys in one softmax: the local band (the L most recent keys of each
+    query, at their true distance i - j <= L - 1 <= d_max, i.e. plain RoPE) and the starting tokens j < G
+    that have left the window (i - j >= L), scored at δ = min(i - j, d_max).
+    """
+    G, L = lam.n_global, lam.n_local
+    if lam.d_max < L - 1:
+        raise UserError(f"d_max={lam.d_max} < n_local - 1 = {L - 1} would cap distances inside the window; "
+                        "the fast path does not do that: use lminf_min.reference.attention, or d_max >= n_local - 1")
+    (H, T, D), (H_kv, S, _) = q.shape, k.shape
+    g = min(G, S)  # starting tokens that exist
+    out = torch.empty_like(q)
+    for a in range(0, T, BLOCK):
+        B = min(BLOCK, T - a)
+        i = torch.arange(S - T + a, S - T + a + B, device=q.device)[:, None]  # (B, 1) query positions
+        lo = max(0, int(i[0]) - L + 1)  # first key inside the first query's window
+        j = torch.arange(lo, int(i[-1]) + 1, device=q.device)[None, :]  # (1, W) keys of the band
+        qb = q[:, a:a + B].reshape(H_kv, H // H_kv, B, D)  # query heads grouped by the key/value head they share
+        local = torch.einsum("knbd,kwd->knbw", qb, k[:, lo:int(i[-1]) + 1]).float()  # (H_kv, H/H_kv, B, W)
+        local = local.masked_fill(~((j <= i) & (i - j < L)), -math.inf)
+        # q_i and k_j are rotated by i and j, so their product is the logit at i - j; rotating q_i back
+        # by the excess (i - j) - δ gives the logit at δ = min(i - j, d_max).
+        jg = torch.arange(g, device=q.device)[None, :]  # (1, g)
+        excess = (i - jg - lam.d_max).clamp(min=0)  # (B, g)
+        q_at = rope(qb[:, :, :, None, :], rope_angles(-excess.flatten(), D, theta).view(B, g, D // 2))  # (H_kv, H/H_kv, B, g, D)
+        start = torch.einsum("knbgd,kgd->knbg", q_at, k[:, :g]).float()  # (H_kv, H/H_kv, B, g)
+        start = start.masked_fill(~(i - jg >= L), -math.inf)  # inside the window they are counted in `local`
+        p = torch.softmax(torch.cat([start, local], dim=-1) / math.sqrt(D), dim=-1).to(v.dtype)  # one softmax
+        o = torch.einsum("knbg,kgd->knbd", p[..., :g], v[:, :g]) + torch.einsum("knbw,kwd->knbd", p[..., g:], v[:, lo:int(i[-1]) + 1])
+        out[:, a:a + B] = o.reshape(H, B, D)
+    return out
+
 
 class KVCache:
     """Rotated keys and values of every position seen so far, per layer (full attention: grows without bound).
@@ -65,10 +108,13 @@ def _grown(buffer, like, keep, capacity):
     return new
 
 
-def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | None = None, last_only=False):
+def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | None = None, lam: LambdaConfig | None = None,
+            last_only=False, hidden_only=False):
     """Logits (T, V) for token ids (T,), which follow the cache's positions if a cache is given.
 
+    lam: Λ attention (LM-Infinite) instead of full causal attention.
     last_only: logits of the last token only, (1, V), which is all generation needs (skips most of the LM head).
+    hidden_only: the final normalised hidden states (T, C) instead; lm_head() turns any slice of them into logits.
     """
     w = weights
     H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -85,12 +131,17 @@ def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | None = None, las
         q, k = rope(q, angles), rope(k, angles)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (H_kv, S, D)
-        a = attention(q, k, v).transpose(0, 1).reshape(T, H * D)  # (T, H*D)
+        a = attention(q, k, v, cfg.rope_theta, lam).transpose(0, 1).reshape(T, H * D)  # (T, H*D)
         x = x + a @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         x = x + (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
     if cache is not None:
         cache.length += T
     x = rms_norm(x[-1:] if last_only else x, w["model.norm.weight"], cfg.rms_norm_eps)
-    head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
-    return (x @ head.T).float()  # (T, V)
+    return x if hidden_only else lm_head(w, cfg, x)
+
+
+def lm_head(weights, cfg: LlamaConfig, x):
+    """Logits (T, V), float32, from final hidden states (T, C)."""
+    head = weights["model.embed_tokens.weight"] if cfg.tie_word_embeddings else weights["lm_head.weight"]
+    return (x @ head.T).float()

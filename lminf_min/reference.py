@@ -40,25 +40,49 @@ def softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(q, k, v):
-    """Causal attention of the T queries at positions 0..T-1 over keys 0..T-1. q, k, v: (H, T, D)."""
-    T, D = q.shape[1], q.shape[2]
-    scores = q @ k.transpose(0, 2, 1) / np.sqrt(D)  # (H, T, T)
+def lambda_mask(T, lam):
+    """(T, T) bool: key j is visible to query i iff j <= i and (i - j < L or j < G). Causal if lam is None."""
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
-    scores = np.where(j <= i, scores, -np.inf)  # query i sees keys j <= i
-    return softmax(scores) @ v  # (H, T, D)
+    if lam is None:
+        return j <= i
+    return (j <= i) & ((i - j < lam.n_local) | (j < lam.n_global))
+
+
+def effective_distance(T, lam):
+    """(T, T) int: the distance each pair is scored at, min(i - j, d_max); just i - j if lam is None."""
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    return i - j if lam is None else np.minimum(i - j, lam.d_max)
+
+
+def attention_weights(q, k, theta, lam=None):
+    """Λ attention probabilities (DESIGN.md §1), (H, T, T), of T queries over the same T positions.
+
+    q, k: (H, T, D), NOT rotated. Every visible pair is scored at its effective distance:
+    s(i, j) = <rot(q_i, δ(i, j)), k_j> / sqrt(D). With δ = i - j this is ordinary RoPE, which depends
+    only on the difference of positions. One softmax over each row's visible keys, starting and local together.
+    """
+    T, D = q.shape[1], q.shape[2]
+    delta = effective_distance(T, lam)  # (T, T)
+    angles = rope_angles(delta.reshape(-1), D, theta).reshape(T, T, D // 2)
+    q_at = rope(q[:, :, None, :], angles)  # (H, T, T, D): q_i rotated by δ(i, j)
+    scores = np.einsum("hijd,hjd->hij", q_at, k) / np.sqrt(D)  # (H, T, T)
+    return softmax(np.where(lambda_mask(T, lam), scores, -np.inf))
+
+
+def attention(q, k, v, theta, lam=None):
+    """(H, T, D): each query's probability-weighted sum of values. q, k, v: (H, T, D), q and k not rotated."""
+    return attention_weights(q, k, theta, lam) @ v
 
 
 def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def forward(weights, cfg: LlamaConfig, tokens):
-    """Logits (T, V) for a sequence of token ids (T,)."""
+def forward(weights, cfg: LlamaConfig, tokens, lam=None):
+    """Logits (T, V) for a sequence of token ids (T,), with Λ attention if lam (a LambdaConfig) is given."""
     w = {name: np.asarray(t, dtype=np.float64) for name, t in weights.items()}
     H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     T = len(tokens)
-    angles = rope_angles(np.arange(T), D, cfg.rope_theta)  # (T, D/2)
     x = w["model.embed_tokens.weight"][np.asarray(tokens)]  # (T, C)
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
@@ -66,9 +90,8 @@ def forward(weights, cfg: LlamaConfig, tokens):
         q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(T, H, D).transpose(1, 0, 2)  # (H, T, D)
         k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(T, H_kv, D).transpose(1, 0, 2)  # (H_kv, T, D)
         v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(T, H_kv, D).transpose(1, 0, 2)  # (H_kv, T, D)
-        q, k = rope(q, angles), rope(k, angles)
         k, v = repeat_kv(k, H // H_kv), repeat_kv(v, H // H_kv)  # (H, T, D)
-        a = attention(q, k, v).transpose(1, 0, 2).reshape(T, H * D)  # (T, H*D)
+        a = attention(q, k, v, cfg.rope_theta, lam).transpose(1, 0, 2).reshape(T, H * D)  # (T, H*D)
         x = x + a @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T  # (T, F)

@@ -1,0 +1,147 @@
+"""Λ attention and the distance limit: the torch path against the NumPy definition, and the maths of DESIGN.md §1-2."""
+import math
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings, strategies as st
+
+import weights
+from conftest import random_weights, tiny_config
+from lminf_min import model, reference
+from lminf_min.config import LambdaConfig, LlamaConfig, UserError
+
+THETA = 1e4
+
+
+def m(i, G, L):
+    """Keys row i sees under the Λ mask (DESIGN.md §1)."""
+    return min(i + 1, L) + max(0, min(G, i - L + 1))
+
+
+def rand(shape, seed, scale=1.0):
+    return scale * np.random.default_rng(seed).standard_normal(shape)
+
+
+def torch_lambda(q, k, v, lam, dtype=torch.float32, theta=THETA):
+    """Run the torch path the way forward() does: q and k rotated at positions 0..T-1 first."""
+    T, D = q.shape[1], q.shape[2]
+    angles = model.rope_angles(torch.arange(T), D, theta)
+    qt, kt, vt = (torch.tensor(x, dtype=dtype) for x in (q, k, v))
+    return model.attention(model.rope(qt, angles), model.rope(kt, angles), vt, theta, lam).double().numpy()
+
+
+@st.composite
+def lambda_cases(draw, d_max_any=False):
+    L = draw(st.integers(1, 24))
+    return dict(T=draw(st.integers(1, 80)), G=draw(st.integers(0, 12)), L=L,
+                d_max=draw(st.integers(0, 40) if d_max_any else st.integers(L - 1, L + 30)),
+                H_kv=draw(st.integers(1, 3)), rep=draw(st.integers(1, 3)), D=draw(st.sampled_from([2, 4, 8, 16])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(c=lambda_cases(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), block=st.sampled_from([1, 7, 512]))
+def test_torch_path_matches_numpy_definition(c, dtype, block):
+    H, T, D = c["H_kv"] * c["rep"], c["T"], c["D"]
+    q, k, v = rand((H, T, D), c["seed"]), rand((c["H_kv"], T, D), c["seed"] + 1), rand((c["H_kv"], T, D), c["seed"] + 2)
+    lam = LambdaConfig(c["G"], c["L"], c["d_max"])
+    expected = reference.attention(q, reference.repeat_kv(k, c["rep"]), reference.repeat_kv(v, c["rep"]), THETA, lam)
+    with mock.patch.object(model, "BLOCK", block):  # several query blocks, a ragged last one
+        got = torch_lambda(q, k, v, lam, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    assert np.abs(got - expected).max() <= tol, f"max abs diff {np.abs(got - expected).max():.3g} ({dtype}, {c})"
+
+
+@settings(max_examples=40, deadline=None)
+@given(c=lambda_cases(d_max_any=True))
+def test_short_sequences_are_plain_causal_attention(c):
+    """T <= n_local: Λ attention is full causal attention whatever G and d_max (d_max >= L - 1 >= T - 1)."""
+    T = min(c["T"], c["L"])
+    assume(c["d_max"] >= T - 1)
+    q, k, v = rand((2, T, c["D"]), c["seed"]), rand((2, T, c["D"]), c["seed"] + 1), rand((2, T, c["D"]), c["seed"] + 2)
+    lam = LambdaConfig(c["G"], c["L"], c["d_max"])
+    np.testing.assert_allclose(reference.attention(q, k, v, THETA, lam), reference.attention(q, k, v, THETA), atol=1e-12)
+    if c["d_max"] >= c["L"] - 1:
+        np.testing.assert_allclose(torch_lambda(q, k, v, lam), torch_lambda(q, k, v, None), atol=1e-5)
+
+
+def test_reductions_window_and_vanilla():
+    """G = 0 is a sliding window; L = D = infinity (here: > T) is vanilla."""
+    T, D = 40, 8
+    q, k, v = rand((2, T, D), 1), rand((2, T, D), 2), rand((2, T, D), 3)
+    np.testing.assert_allclose(reference.attention(q, k, v, THETA, LambdaConfig(0, 10**9, 10**9)), reference.attention(q, k, v, THETA), atol=1e-12)
+    w = reference.attention_weights(q, k, THETA, LambdaConfig(0, 7, 7))
+    i, j = np.indices((T, T))
+    assert np.all(w[:, (i - j >= 7) | (j > i)] == 0) and np.all(w[:, (i - j < 7) & (j <= i)] > 0)
+
+
+@given(T=st.integers(1, 300), G=st.integers(0, 20), L=st.integers(1, 50))
+def test_mask_row_counts(T, G, L):
+    mask = reference.lambda_mask(T, LambdaConfig(G, L, L))
+    assert mask.sum(1).tolist() == [m(i, G, L) for i in range(T)]
+    assert mask.diagonal().all() and mask[:, :G][np.tril_indices(min(G, T), m=min(G, T))].all()
+    assert mask.sum(1).max() <= G + L
+
+
+def entropy(p):
+    return -(p * np.log(np.where(p > 0, p, 1))).sum(-1)
+
+
+@given(n=st.integers(1, 200), B=st.floats(0, 20), seed=st.integers(0, 2**16))
+def test_entropy_bounds(n, B, seed):
+    """For logits w in [-B, B]^n: ln n - 2B <= H <= ln n, and ln n - (max w - min w) <= H."""
+    w = np.random.default_rng(seed).uniform(-B, B, n)
+    H = entropy(reference.softmax(w))
+    assert math.log(n) - 2 * B - 1e-9 <= H <= math.log(n) + 1e-9
+    assert math.log(n) - (w.max() - w.min()) - 1e-9 <= H
+
+
+@settings(max_examples=20, deadline=None)
+@given(G=st.integers(0, 8), L=st.integers(1, 16), T=st.integers(30, 120), scale=st.floats(0, 3), seed=st.integers(0, 2**16))
+def test_lambda_entropy_bounded_full_attention_not(G, L, T, scale, seed):
+    """Every Λ row has H <= ln m(i) <= ln(G+L) at any length; full attention rows pass ln(G+L) past G+L."""
+    q, k = rand((2, T, 8), seed, scale), rand((2, T, 8), seed + 1, scale)
+    H_lam = entropy(reference.attention_weights(q, k, THETA, LambdaConfig(G, L, L)))  # (2, T)
+    bound = np.log([m(i, G, L) for i in range(T)])
+    assert np.all(H_lam <= bound + 1e-9) and np.all(bound <= math.log(G + L) + 1e-12)
+    zeros = np.zeros((1, T, 8))  # all logits equal: full attention is uniform over i + 1 keys
+    H_full = entropy(reference.attention_weights(zeros, zeros, THETA))[0]
+    assert np.all(H_full[G + L:] > math.log(G + L))
+
+
+@given(D=st.sampled_from([2, 4, 8, 64]), m_=st.integers(-10**6, 10**6), n_=st.integers(-10**6, 10**6),
+       shift=st.integers(-10**6, 10**6), seed=st.integers(0, 2**16))
+def test_rope_preserves_norms_and_depends_only_on_distance(D, m_, n_, shift, seed):
+    q, k = rand((1, D), seed), rand((1, D), seed + 1)
+    rot = lambda x, p: reference.rope(x, reference.rope_angles([p], D, THETA))
+    assert np.isclose(np.linalg.norm(rot(q, m_)), np.linalg.norm(q))
+    assert np.isclose((rot(q, m_) * rot(k, n_)).sum(), (rot(q, m_ + shift) * rot(k, n_ + shift)).sum(), atol=1e-6)
+    assert np.isclose((rot(q, m_) * rot(k, n_)).sum(), (rot(q, m_ - n_) * k).sum(), atol=1e-6)
+
+
+def test_torch_path_refuses_small_d_max():
+    q = torch.zeros(1, 4, 4)
+    with pytest.raises(UserError, match="reference"):
+        model.attention(q, q, q, THETA, LambdaConfig(1, 3, 1))
+
+
+@settings(max_examples=10, deadline=None)
+@given(G=st.integers(0, 6), L=st.integers(1, 20), extra=st.integers(0, 15), T=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_whole_model_lambda_forward_matches_reference(G, L, extra, T, seed):
+    cfg = tiny_config()
+    w = random_weights(cfg, seed)
+    config, lam = LlamaConfig.from_dict(cfg), LambdaConfig(G, L, L - 1 + extra)
+    tokens = np.random.default_rng(seed).integers(0, cfg["vocab_size"], T)
+    got = model.forward({n: torch.from_numpy(t) for n, t in w.items()}, config, torch.from_numpy(tokens), lam=lam)
+    assert np.abs(got.numpy() - reference.forward(w, config, tokens, lam)).max() <= 1e-5
+
+
+def test_default_model_lambda_equals_vanilla_within_window(default_ckpt):
+    config, w = weights.load_checkpoint(default_ckpt)
+    tokens = torch.randint(0, config.vocab_size, (1500,), generator=torch.Generator().manual_seed(0))
+    lam = LambdaConfig.for_model(config)
+    assert (lam.n_global, lam.n_local, lam.d_max) == (10, 8192, 8192)
+    diff = (model.forward(w, config, tokens, lam=lam) - model.forward(w, config, tokens)).abs().max()
+    assert diff <= 1e-3, f"max abs diff {diff:.3g}"

@@ -61,17 +61,17 @@ def lambda_attention(q, k, v, theta, lam: LambdaConfig):
         i = torch.arange(S - T + a, S - T + a + B, device=q.device)[:, None]  # (B, 1) query positions
         lo = max(0, int(i[0]) - L + 1)  # first key inside the first query's window
         j = torch.arange(lo, int(i[-1]) + 1, device=q.device)[None, :]  # (1, W) keys of the band
-        qb = q[:, a:a + B].reshape(H_kv, H // H_kv, B, D)  # query heads grouped by the key/value head they share
+        qb = q[:, a:a + B].reshape(H_kv, H // H_kv, B, D) / math.sqrt(D)  # heads grouped by the key/value head they share; scaled once
         local = torch.einsum("knbd,kwd->knbw", qb, k[:, lo:int(i[-1]) + 1]).float()  # (H_kv, H/H_kv, B, W)
-        local = local.masked_fill(~((j <= i) & (i - j < L)), -math.inf)
+        local.masked_fill_(~((j <= i) & (i - j < L)), -math.inf)
         # q_i and k_j are rotated by i and j, so their product is the logit at i - j; rotating q_i back
         # by the excess (i - j) - δ gives the logit at δ = min(i - j, d_max).
         jg = torch.arange(g, device=q.device)[None, :]  # (1, g)
         excess = (i - jg - lam.d_max).clamp(min=0)  # (B, g)
         q_at = rope(qb[:, :, :, None, :], rope_angles(-excess.flatten(), D, theta).view(B, g, D // 2))  # (H_kv, H/H_kv, B, g, D)
         start = torch.einsum("knbgd,kgd->knbg", q_at, k[:, :g]).float()  # (H_kv, H/H_kv, B, g)
-        start = start.masked_fill(~(i - jg >= L), -math.inf)  # inside the window they are counted in `local`
-        p = torch.softmax(torch.cat([start, local], dim=-1) / math.sqrt(D), dim=-1).to(v.dtype)  # one softmax
+        start.masked_fill_(i - jg < L, -math.inf)  # inside the window they are counted in `local`
+        p = torch.softmax(torch.cat([start, local], dim=-1), dim=-1).to(v.dtype)  # one softmax over both groups
         o = torch.einsum("knbg,kgd->knbd", p[..., :g], v[:, :g]) + torch.einsum("knbw,kwd->knbd", p[..., g:], v[:, lo:int(i[-1]) + 1])
         out[:, a:a + B] = o.reshape(H, B, D)
     return out

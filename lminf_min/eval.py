@@ -1,0 +1,109 @@
+"""Measure the method on a real checkpoint.
+
+    python -m lminf_min.eval ppl --text FILE --max-tokens 16384                 # LM-Infinite, the paper's defaults
+    python -m lminf_min.eval ppl --text FILE --max-tokens 16384 --vanilla       # full attention
+    python -m lminf_min.eval ppl --text FILE --max-tokens 16384 --n-global 0    # sliding window only
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import weights as ckpts
+from generate import pick_device, read_prompt
+from lminf_min import model
+from lminf_min.config import LambdaConfig, UserError, cli
+from lminf_min.tokenizer import Tokenizer
+
+CHUNK = 2048  # tokens per forward call: bounds the (chunk, vocab) logits; keys before it come from the cache
+
+
+def token_nll(weights, cfg, tokens, lam, progress=True):
+    """NLL (N-1,) of each token given all before it, one pass through a KV cache in chunks of CHUNK tokens."""
+    cache, out = model.KVCache(cfg.num_hidden_layers), []
+    for a in tqdm(range(0, len(tokens), CHUNK), desc="perplexity", unit="chunk", disable=not progress, file=sys.stderr):
+        chunk = tokens[a:a + CHUNK]
+        hidden = model.forward(weights, cfg, chunk, cache, lam=lam, hidden_only=True)  # (T, C)
+        targets = tokens[a + 1:a + 1 + len(chunk)]  # the last chunk has one target fewer
+        logp = torch.log_softmax(model.lm_head(weights, cfg, hidden[:len(targets)]), dim=-1)  # (T, V) float32
+        out.append(-logp.gather(1, targets[:, None])[:, 0])
+    return torch.cat(out).double().cpu()
+
+
+def bucketed(nll, bucket):
+    """Perplexity of the predicted tokens at positions [start, end), position = index in the text."""
+    rows = []
+    for start in range(0, len(nll) + 1, bucket):
+        part = nll[max(start - 1, 0):start - 1 + bucket]  # nll[t] scores the token at position t + 1
+        if len(part):
+            rows.append({"start": start, "end": min(start + bucket, len(nll) + 1), "ppl": math.exp(part.mean())})
+    return rows
+
+
+def plot_ppl(rows, title, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([(r["start"] + r["end"]) / 2 for r in rows], [r["ppl"] for r in rows], marker="o")
+    ax.set(xlabel="token position", ylabel="perplexity (log scale)", yscale="log", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+@torch.inference_mode()
+def ppl(ckpt, text, max_tokens, vanilla, n_global, n_local, d_max, bucket, json_out, plot, device, dtype):
+    if max_tokens < 2 or bucket < 1:
+        raise UserError("--max-tokens must be at least 2 and --bucket at least 1")
+    device = pick_device(device)
+    ckpt = Path(ckpt) if ckpt else ckpts.default_checkpoint()
+    cfg, w = ckpts.load_checkpoint(ckpt, device=device, dtype=getattr(torch, dtype))
+    lam = None if vanilla else LambdaConfig.for_model(cfg, n_global, n_local, d_max)
+    ids = Tokenizer(ckpt).encode(read_prompt(text))[:max_tokens]
+    if len(ids) < 2:
+        raise UserError(f"{text} holds fewer than 2 tokens; perplexity needs a longer text")
+    if len(ids) < max_tokens:
+        print(f"note: {text} holds only {len(ids)} tokens", file=sys.stderr)
+    t0 = time.perf_counter()
+    nll = token_nll(w, cfg, torch.tensor(ids, device=device), lam)
+    seconds = time.perf_counter() - t0
+    name = "vanilla" if lam is None else f"LM-Infinite G={lam.n_global} L={lam.n_local} D={lam.d_max}"
+    result = {"tokens": len(ids), "ppl": math.exp(nll.mean()), "buckets": bucketed(nll, bucket), "attention": name,
+              "text": Path(text).name, "checkpoint": str(ckpt), "device": device, "dtype": dtype, "seconds": round(seconds, 1)}
+    print(f"{name}: {len(ids)} tokens of {Path(text).name}, perplexity {result['ppl']:.2f} ({seconds:.0f} s, {len(ids) / seconds:.0f} tokens/s)")
+    for r in result["buckets"]:
+        print(f"  positions {r['start']:>7}-{r['end']:<7} ppl {r['ppl']:10.2f}")
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
+    if plot:
+        plot_ppl(result["buckets"], f"{name}, {Path(text).name}", plot)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ppl", help="perplexity by position over one long text", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--max-tokens", type=int, required=True, help="evaluate the first N tokens of the text")
+    p.add_argument("--vanilla", action="store_true", help="full causal attention instead of LM-Infinite")
+    p.add_argument("--n-global", type=int, default=10, help="G: starting tokens every token sees")
+    p.add_argument("--n-local", type=int, help="L: window of recent tokens (default: the model's training length)")
+    p.add_argument("--d-max", type=int, help="D: largest distance ever scored (default: L)")
+    p.add_argument("--bucket", type=int, default=4096, help="positions per perplexity bucket")
+    p.add_argument("--json", dest="json_out", help="write the result as JSON here")
+    p.add_argument("--plot", help="draw perplexity against position into this PNG")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    args = vars(parser.parse_args(argv))
+    {"ppl": ppl}[args.pop("command")](**args)
+
+
+if __name__ == "__main__":
+    cli(main)()

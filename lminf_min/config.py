@@ -109,4 +109,7 @@ def cli(main):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except BrokenPipeError:  # the output was piped into e.g. `head`, which stopped reading
+            sys.stderr.close()
+            sys.exit(0)
     return run

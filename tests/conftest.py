@@ -1,5 +1,7 @@
 """Shared fixtures: random tiny checkpoints written in Hugging Face layout, and the real default model."""
+import io
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +70,19 @@ def botchan():
     if not BOTCHAN.is_file():
         pytest.skip(f"{BOTCHAN} not found (../shared/data beside the checkout)")
     return BOTCHAN.read_text(encoding="utf-8")
+
+
+WORDS = "the cat sat on a mat and ran to see dog who ate big red fish by sea".split()
+
+
+@pytest.fixture
+def sp_ckpt(tiny_ckpt):
+    """The tiny random checkpoint plus a 60-piece sentencepiece BPE model trained on a toy corpus (no downloads)."""
+    import sentencepiece as spm
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choices(WORDS, k=12)) for _ in range(400)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=60, model_type="bpe",
+                                   character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    (tiny_ckpt / "tokenizer.model").write_bytes(buf.getvalue())
+    return tiny_ckpt

@@ -1,6 +1,4 @@
 """Tokenizers (tokenizer.json and a sentencepiece model trained here) and generate.py end to end on a tiny checkpoint."""
-import io
-import random
 import subprocess
 import sys
 
@@ -11,21 +9,6 @@ import weights
 from conftest import ROOT
 from lminf_min import model
 from lminf_min.tokenizer import Tokenizer
-
-WORDS = "the cat sat on a mat and ran to see dog who ate big red fish by sea".split()
-
-
-@pytest.fixture
-def sp_ckpt(tiny_ckpt):
-    """The tiny random checkpoint plus a 60-piece sentencepiece BPE model trained on a toy corpus (no downloads)."""
-    import sentencepiece as spm
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choices(WORDS, k=12)) for _ in range(400)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=60, model_type="bpe",
-                                   character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
-    (tiny_ckpt / "tokenizer.model").write_bytes(buf.getvalue())
-    return tiny_ckpt
 
 
 def test_sentencepiece_tokenizer(sp_ckpt):

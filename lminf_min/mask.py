@@ -1,0 +1,63 @@
+"""Print (or draw) the Λ mask, for reading and for class.
+
+    python -m lminf_min.mask --length 24 --n-global 3 --n-local 6 [--d-max 6] [--png mask.png]
+"""
+import argparse
+
+import numpy as np
+
+from .config import LambdaConfig, UserError, cli
+from .reference import effective_distance, lambda_mask
+
+LEGEND = ("row i = query, column j = key\n"
+          "# in the window, scored at distance i - j    + in the window, distance capped at d_max\n"
+          "G starting token outside the window, scored at min(i - j, d_max)    . masked")
+
+
+def mask_codes(T, lam):
+    """(T, T) ints: 0 masked, 1 window at true distance, 2 starting token outside the window, 3 capped in the window."""
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    visible, capped = lambda_mask(T, lam), effective_distance(T, lam) < i - j
+    in_window = visible & (i - j < lam.n_local)
+    return np.where(~visible, 0, np.where(~in_window, 2, np.where(capped, 3, 1)))
+
+
+def render(T, lam):
+    codes = mask_codes(T, lam)
+    lines = [LEGEND, f"G={lam.n_global} L={lam.n_local} d_max={lam.d_max}; m(i) = keys row i sees"]
+    for i, row in enumerate(codes):
+        lines.append(f"{i:>4} " + " ".join(".#G+"[c] for c in row) + f"   m={int((row > 0).sum())}")
+    return "\n".join(lines)
+
+
+def draw(T, lam, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(mask_codes(T, lam), cmap=ListedColormap(["#f4f4f4", "#3b75af", "#d1492e", "#8fb4d9"]), vmin=0, vmax=3)
+    ax.set(xlabel="key position j", ylabel="query position i",
+           title=f"Λ mask: G={lam.n_global} starting tokens (red), window L={lam.n_local} (blue)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(length, n_global, n_local, d_max, png):
+    if not 1 <= length <= 200:
+        raise UserError(f"--length is {length}; pick 1..200 so the picture stays readable")
+    lam = LambdaConfig(n_global, n_local, n_local if d_max is None else d_max)
+    print(render(length, lam))
+    if png:
+        draw(length, lam, png)
+        print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--length", type=int, default=24, help="sequence length T")
+    parser.add_argument("--n-global", type=int, default=3, help="G: starting tokens every later token sees")
+    parser.add_argument("--n-local", type=int, default=6, help="L: window of recent tokens, the query included")
+    parser.add_argument("--d-max", type=int, help="largest distance ever scored (default: L)")
+    parser.add_argument("--png", help="also draw the mask into this PNG file")
+    cli(main)(**vars(parser.parse_args()))

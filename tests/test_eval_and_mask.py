@@ -1,0 +1,70 @@
+"""Perplexity evaluation and the mask picture, against the NumPy definition and plain arithmetic."""
+import json
+import math
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import weights
+from conftest import ROOT, random_weights, tiny_config
+from lminf_min import eval as lm_eval, reference
+from lminf_min.config import LambdaConfig, LlamaConfig
+
+
+def reference_nll(w, config, tokens, lam):
+    logits = reference.forward(w, config, tokens, lam)[:-1]  # (T-1, V): predicts tokens 1..T-1
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    return -logp[np.arange(len(tokens) - 1), tokens[1:]]
+
+
+@settings(max_examples=12, deadline=None)
+@given(G=st.integers(0, 4), L=st.integers(1, 12), T=st.integers(2, 60), chunk=st.integers(1, 25), vanilla=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_chunked_nll_matches_one_pass_definition(G, L, T, chunk, vanilla, seed):
+    """Chunks through the cache (queries = the last T of S keys) give the NumPy one-pass NLL."""
+    cfg = tiny_config()
+    w, config = random_weights(cfg, seed), LlamaConfig.from_dict(cfg)
+    lam = None if vanilla else LambdaConfig(G, L, L)
+    tokens = np.random.default_rng(seed).integers(0, cfg["vocab_size"], T)
+    with mock.patch.object(lm_eval, "CHUNK", chunk):
+        got = lm_eval.token_nll({n: torch.from_numpy(t) for n, t in w.items()}, config, torch.from_numpy(tokens), lam, progress=False)
+    np.testing.assert_allclose(got.numpy(), reference_nll(w, config, tokens, lam), atol=1e-4)
+
+
+def test_buckets_are_position_ranges():
+    nll = torch.tensor([math.log(2.0)] * 5 + [math.log(8.0)] * 4, dtype=torch.float64)  # scores tokens at positions 1..9
+    rows = lm_eval.bucketed(nll, 5)
+    assert [(r["start"], r["end"]) for r in rows] == [(0, 5), (5, 10)]
+    assert rows[0]["ppl"] == pytest.approx(2.0)  # positions 1-4
+    assert rows[1]["ppl"] == pytest.approx(math.exp((math.log(2) + 4 * math.log(8)) / 5))  # positions 5-9
+
+
+def test_eval_ppl_cli(sp_ckpt, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["the cat sat on a mat and ran to see the dog"] * 20))
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    args = ["--ckpt", sp_ckpt, "--text", text, "--max-tokens", 100, "--n-global", 2, "--n-local", 16, "--bucket", 40, "--json", out, "--plot", png]
+    r = subprocess.run([sys.executable, "-m", "lminf_min.eval", "ppl", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 100 and [(b["start"], b["end"]) for b in result["buckets"]] == [(0, 40), (40, 80), (80, 100)]
+    assert png.stat().st_size > 1000 and "perplexity" in r.stdout
+
+
+def test_mask_picture_rows_count_m_i(tmp_path):
+    png = tmp_path / "m.png"
+    r = subprocess.run([sys.executable, "-m", "lminf_min.mask", "--length", "24", "--n-global", "3", "--n-local", "6", "--png", png],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = [l.split() for l in r.stdout.splitlines() if l.strip() and l.split()[0].isdigit()]
+    assert len(rows) == 24
+    for i, row in enumerate(rows):
+        m = min(i + 1, 6) + max(0, min(3, i - 6 + 1))
+        assert sum(c in "#G+" for c in row[1:25]) == m and row[-1] == f"m={m}"
+        assert row[1 + i] == "#" and all(row[1 + j] in "#G" for j in range(min(3, i + 1)))
+    assert png.stat().st_size > 1000

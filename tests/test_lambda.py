@@ -1,5 +1,7 @@
 """Λ attention and the distance limit: the torch path against the NumPy definition, and the maths of DESIGN.md §1-2."""
 import math
+import subprocess
+import sys
 from unittest import mock
 
 import numpy as np
@@ -8,7 +10,7 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 import weights
-from conftest import random_weights, tiny_config
+from conftest import ROOT, random_weights, tiny_config
 from lminf_min import model, reference
 from lminf_min.config import LambdaConfig, LlamaConfig, UserError
 
@@ -145,3 +147,33 @@ def test_default_model_lambda_equals_vanilla_within_window(default_ckpt):
     assert (lam.n_global, lam.n_local, lam.d_max) == (10, 8192, 8192)
     diff = (model.forward(w, config, tokens, lam=lam) - model.forward(w, config, tokens)).abs().max()
     assert diff <= 1e-3, f"max abs diff {diff:.3g}"
+
+
+PEAK_RSS = """
+import resource, sys, torch
+from lminf_min import model
+from lminf_min.config import LambdaConfig
+torch.set_num_threads(1)
+T = int(sys.argv[1])
+q, k, v = torch.randn(9, T, 64), torch.randn(3, T, 64), torch.randn(3, T, 64)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = model.lambda_attention(q, k, v, 1e4, LambdaConfig(10, 512, 512))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+"""
+
+
+def attention_peak_kib(T):
+    """Peak RSS growth (KiB) of one Λ attention call over inputs already in memory, in a fresh process."""
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS, str(T)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout)
+
+
+def test_lambda_attention_memory_is_linear():
+    """Peak memory of the attention at 4T is at most about 4x that at T (measured as peak RSS growth of the call).
+
+    The output (H, T, D) grows linearly; the per-block scores (H, BLOCK, G + BLOCK + L) do not grow at all.
+    A T x T score matrix would grow 16x (at 16384: 9 heads x 16384^2 x 4 bytes = 9.7 GB).
+    """
+    small, large = attention_peak_kib(4096), attention_peak_kib(16384)
+    assert large <= 4.5 * small, f"peak growth {small} KiB at T=4096, {large} KiB at T=16384"

@@ -1,7 +1,8 @@
-"""Continue a text file with a Llama checkpoint.
+"""Continue a text file with a Llama checkpoint, with LM-Infinite's Λ attention and bounded cache.
 
     python generate.py --prompt long.txt                  # the default model, SmolLM2-135M-Instruct
     python generate.py --ckpt DIR --prompt long.txt --max-new-tokens 200 --temperature 0.8
+    python generate.py --prompt long.txt --vanilla        # full attention, for comparison
 """
 import argparse
 import resource
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 import weights as ckpts
 from lminf_min import model
-from lminf_min.config import UserError, cli
+from lminf_min.config import LambdaConfig, UserError, cli
 from lminf_min.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 1024  # prompt tokens per forward call: bounds the (chunk, vocab) logits and the attention mask
@@ -29,7 +30,7 @@ def read_prompt(path):
     if b"\0" in data:
         raise UserError(f"prompt file {path} looks binary (it contains NUL bytes); pass a text file")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # line endings as Python's text mode reads them
     except UnicodeDecodeError as e:
         raise UserError(f"prompt file {path} is not UTF-8 (byte {e.start}); convert it, e.g. with iconv -t utf-8") from None
     if not text.strip():
@@ -53,17 +54,17 @@ def sample(logits, temperature, generator):
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def prefill(weights, cfg, tokens, cache):
+def prefill(weights, cfg, tokens, cache, lam=None):
     """Run the prompt through the model chunk by chunk, filling the cache; logits (V,) of its last token."""
     chunks = tokens.split(PREFILL_CHUNK)
     for chunk in tqdm(chunks, desc="prefill", unit="chunk", disable=len(chunks) < 4, file=sys.stderr):
-        logits = model.forward(weights, cfg, chunk, cache, last_only=True)
+        logits = model.forward(weights, cfg, chunk, cache, lam, last_only=True)
     return logits[-1]
 
 
-def decode_one_token(weights, cfg, token, cache):
+def decode_one_token(weights, cfg, token, cache, lam=None):
     """Logits (V,) after one more token."""
-    return model.forward(weights, cfg, token.view(1), cache, last_only=True)[-1]
+    return model.forward(weights, cfg, token.view(1), cache, lam, last_only=True)[-1]
 
 
 def peak_memory_mb(device):
@@ -73,7 +74,7 @@ def peak_memory_mb(device):
 
 
 @torch.inference_mode()
-def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype):
+def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla, n_global, n_local, d_max):
     if max_new_tokens < 0:
         raise UserError(f"--max-new-tokens is {max_new_tokens}; it must be 0 or more")
     if temperature < 0:
@@ -86,13 +87,16 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype):
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; use the tokenizer that came with {ckpt}")
     ids = tok.encode(text)
-    if len(ids) > cfg.max_position_embeddings:
+    lam = None if vanilla else LambdaConfig.for_model(cfg, n_global, n_local, d_max)
+    if lam is not None and lam.d_max < lam.n_local - 1:
+        raise UserError(f"--d-max {lam.d_max} is below --n-local - 1 = {lam.n_local - 1}; generation supports d_max >= n_local - 1")
+    if lam is None and len(ids) > cfg.max_position_embeddings:
         print(f"warning: the prompt has {len(ids)} tokens, more than the {cfg.max_position_embeddings} this model was "
-              "trained on; full attention degrades past that length", file=sys.stderr)
+              "trained on; full attention degrades past that length (drop --vanilla for LM-Infinite)", file=sys.stderr)
     generator = torch.Generator().manual_seed(seed)
-    cache = model.KVCache(cfg.num_hidden_layers)
+    cache = model.new_cache(cfg, lam)
     t0 = time.perf_counter()
-    logits = prefill(weights, cfg, torch.tensor(ids, device=device), cache)
+    logits = prefill(weights, cfg, torch.tensor(ids, device=device), cache, lam)
     t1 = time.perf_counter()
     out, printed = [], ""
     for _ in range(max_new_tokens):
@@ -105,11 +109,12 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype):
             sys.stdout.write(text_so_far[len(printed):])
             sys.stdout.flush()
             printed = text_so_far
-        logits = decode_one_token(weights, cfg, torch.tensor(next_id, device=device), cache)
+        logits = decode_one_token(weights, cfg, torch.tensor(next_id, device=device), cache, lam)
     t2 = time.perf_counter()
     print(file=sys.stdout)
     print(f"prompt {len(ids)} tokens, prefill {len(ids) / (t1 - t0):.0f} tokens/s; generated {len(out)} tokens, "
-          f"{len(out) / max(t2 - t1, 1e-9):.1f} tokens/s; KV cache {cache.nbytes() / 2**20:.0f} MiB; "
+          f"{len(out) / max(t2 - t1, 1e-9):.1f} tokens/s; KV cache {cache.nbytes() / 2**20:.0f} MiB "
+          f"({'full' if lam is None else f'bounded: G+L = {lam.n_global}+{lam.n_local} positions'}); "
           f"peak memory {peak_memory_mb(device):.0f} MiB ({device}, {dtype})", file=sys.stderr)
 
 
@@ -123,4 +128,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    parser.add_argument("--vanilla", action="store_true", help="full attention and a growing cache instead of LM-Infinite")
+    parser.add_argument("--n-global", type=int, default=10, help="G: starting tokens every token sees")
+    parser.add_argument("--n-local", type=int, help="L: window of recent tokens (default: the model's training length)")
+    parser.add_argument("--d-max", type=int, help="D: largest distance ever scored, >= L - 1 (default: L)")
     cli(main)(**vars(parser.parse_args()))

@@ -24,8 +24,8 @@ CHUNK = 2048  # tokens per forward call: bounds the (chunk, vocab) logits; keys 
 
 
 def token_nll(weights, cfg, tokens, lam, progress=True):
-    """NLL (N-1,) of each token given all before it, one pass through a KV cache in chunks of CHUNK tokens."""
-    cache, out = model.KVCache(cfg.num_hidden_layers), []
+    """NLL (N-1,) of each token given all before it, one pass through the cache in chunks of CHUNK tokens."""
+    cache, out = model.new_cache(cfg, lam), []
     for a in tqdm(range(0, len(tokens), CHUNK), desc="perplexity", unit="chunk", disable=not progress, file=sys.stderr):
         chunk = tokens[a:a + CHUNK]
         hidden = model.forward(weights, cfg, chunk, cache, lam=lam, hidden_only=True)  # (T, C)

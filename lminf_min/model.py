@@ -12,15 +12,18 @@ from .config import LambdaConfig, LlamaConfig, UserError
 
 BLOCK = 512  # queries per step of the Λ path: its scores are (H, BLOCK, G + BLOCK + L), never (H, T, T)
 
+
 def rms_norm(x, weight, eps):
     """x / rms(x) * weight over the last axis, computed in float32: bf16 squares lose too much."""
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
+
 def rope_angles(positions, head_dim, theta):
-    """Angle of each frequency pair at each position, in float64 so large positions stay exact. (T, D/2)"""
+    """Angle of each frequency pair at each position, in float64. (T, D/2)"""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
     return positions.double()[:, None] * inv_freq[None, :]
+
 
 def rope(x, angles):
     """Rotate each pair (x[f], x[f + D/2]) by its angle (HF half-split layout), in float32. x: (..., T, D)."""
@@ -28,23 +31,26 @@ def rope(x, angles):
     cos, sin = angles.cos().float(), angles.sin().float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
-def attention(q, k, v, theta, lam: LambdaConfig | None = None):
-    """Attention of the T queries that are the last T of S positions. q: (H, T, D), k, v: (H_kv, S, D).
 
-    q and k come rotated at their absolute positions. Without lam: causal attention through SDPA, whose
+def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos):
+    """Attention of T queries over S keys. q: (H, T, D), k, v: (H_kv, S, D), rotated at their positions;
+    q_pos (T,) and k_pos (S,) are those positions (absolute, int64).
+
+    Without lam: causal attention through SDPA over keys that are positions 0..S-1 in order, whose
     enable_gqa shares each key/value head among H/H_kv query heads without copying (the batch axis of 1
     matters: with 4-D inputs torch picks its fused flash kernel on CPU, 3x faster). With lam: Λ attention.
     """
     if lam is not None:
-        return lambda_attention(q, k, v, theta, lam)
+        return lambda_attention(q, k, v, theta, lam, q_pos, k_pos)
     T, S = q.shape[1], k.shape[1]
     mask = None if T == S else torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + (S - T)
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=T == S, enable_gqa=True)[0]  # (H, T, D)
 
 
-def lambda_attention(q, k, v, theta, lam: LambdaConfig):
+def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos):
     """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory: blocks of BLOCK queries.
 
+    Keys may come in any order (LambdaCache keeps a ring buffer); queries come in ascending order.
     Each block scores two groups of keys in one softmax: the local band (the L most recent keys of each
     query, at their true distance i - j <= L - 1 <= d_max, i.e. plain RoPE) and the starting tokens j < G
     that have left the window (i - j >= L), scored at δ = min(i - j, d_max).
@@ -53,26 +59,27 @@ def lambda_attention(q, k, v, theta, lam: LambdaConfig):
     if lam.d_max < L - 1:
         raise UserError(f"d_max={lam.d_max} < n_local - 1 = {L - 1} would cap distances inside the window; "
                         "the fast path does not do that: use lminf_min.reference.attention, or d_max >= n_local - 1")
-    (H, T, D), (H_kv, S, _) = q.shape, k.shape
-    g = min(G, S)  # starting tokens that exist
+    (H, T, D), H_kv = q.shape, k.shape[0]
+    is_start = k_pos < G
+    k_start, v_start, jg = k[:, is_start], v[:, is_start], k_pos[is_start][None, :]  # (H_kv, g, D), (1, g)
     out = torch.empty_like(q)
     for a in range(0, T, BLOCK):
         B = min(BLOCK, T - a)
-        i = torch.arange(S - T + a, S - T + a + B, device=q.device)[:, None]  # (B, 1) query positions
-        lo = max(0, int(i[0]) - L + 1)  # first key inside the first query's window
-        j = torch.arange(lo, int(i[-1]) + 1, device=q.device)[None, :]  # (1, W) keys of the band
-        qb = q[:, a:a + B].reshape(H_kv, H // H_kv, B, D) / math.sqrt(D)  # heads grouped by the key/value head they share; scaled once
-        local = torch.einsum("knbd,kwd->knbw", qb, k[:, lo:int(i[-1]) + 1]).float()  # (H_kv, H/H_kv, B, W)
-        local.masked_fill_(~((j <= i) & (i - j < L)), -math.inf)
+        i = q_pos[a:a + B][:, None]  # (B, 1)
+        near = (k_pos > i[0] - L) & (k_pos <= i[-1])  # keys inside the window of some query of the block
+        kb, vb, j = (k, v, k_pos) if bool(near.all()) else (k[:, near], v[:, near], k_pos[near])  # <= L + B keys
+        qb = q[:, a:a + B].reshape(H_kv, H // H_kv, B, D) / math.sqrt(D)  # heads grouped by their key/value head; scaled once
+        local = torch.einsum("knbd,kwd->knbw", qb, kb).float()  # (H_kv, H/H_kv, B, W)
+        local.masked_fill_(~((j[None, :] <= i) & (i - j[None, :] < L)), -math.inf)
         # q_i and k_j are rotated by i and j, so their product is the logit at i - j; rotating q_i back
         # by the excess (i - j) - δ gives the logit at δ = min(i - j, d_max).
-        jg = torch.arange(g, device=q.device)[None, :]  # (1, g)
         excess = (i - jg - lam.d_max).clamp(min=0)  # (B, g)
-        q_at = rope(qb[:, :, :, None, :], rope_angles(-excess.flatten(), D, theta).view(B, g, D // 2))  # (H_kv, H/H_kv, B, g, D)
-        start = torch.einsum("knbgd,kgd->knbg", q_at, k[:, :g]).float()  # (H_kv, H/H_kv, B, g)
+        q_at = rope(qb[:, :, :, None, :], rope_angles(-excess.flatten(), D, theta).view(B, -1, D // 2))  # (H_kv, H/H_kv, B, g, D)
+        start = torch.einsum("knbgd,kgd->knbg", q_at, k_start).float()  # (H_kv, H/H_kv, B, g)
         start.masked_fill_(i - jg < L, -math.inf)  # inside the window they are counted in `local`
         p = torch.softmax(torch.cat([start, local], dim=-1), dim=-1).to(v.dtype)  # one softmax over both groups
-        o = torch.einsum("knbg,kgd->knbd", p[..., :g], v[:, :g]) + torch.einsum("knbw,kwd->knbd", p[..., g:], v[:, lo:int(i[-1]) + 1])
+        g = start.shape[-1]
+        o = torch.einsum("knbg,kgd->knbd", p[..., :g], v_start) + torch.einsum("knbw,kwd->knbd", p[..., g:], vb)
         out[:, a:a + B] = o.reshape(H, B, D)
     return out
 
@@ -85,20 +92,25 @@ class KVCache:
 
     def __init__(self, n_layers):
         self.k, self.v = [None] * n_layers, [None] * n_layers  # (H_kv, capacity, D) each
-        self.length = 0  # positions stored; forward() advances it after the last layer
+        self.length = 0  # tokens seen: the position of the next one; forward() advances it after the last layer
+        self.origin = 0  # keys are rotated at (position - origin); it never moves here
 
     def update(self, layer, k, v):
-        """Append this chunk's (H_kv, T, D) keys/values; return all of them, (H_kv, S, D) views."""
+        """Append this chunk's (H_kv, T, D) keys/values; return all keys, values (H_kv, S, D) and their positions (S,)."""
         start, T = self.length, k.shape[1]
         if self.k[layer] is None or start + T > self.k[layer].shape[1]:
             capacity = max(2 * (start + T), 256)
             self.k[layer], self.v[layer] = _grown(self.k[layer], k, start, capacity), _grown(self.v[layer], v, start, capacity)
         self.k[layer][:, start:start + T], self.v[layer][:, start:start + T] = k, v
-        return self.k[layer][:, :start + T], self.v[layer][:, :start + T]
+        return self.k[layer][:, :start + T], self.v[layer][:, :start + T], torch.arange(start + T, device=k.device)
+
+    def advance(self, T):
+        self.length += T
 
     def nbytes(self):
         """Bytes of the keys and values stored (not of the spare capacity)."""
         return sum(t[:, :self.length].numel() * t.element_size() for t in self.k + self.v if t is not None)
+
 
 def _grown(buffer, like, keep, capacity):
     """A (H_kv, capacity, D) buffer holding the first `keep` positions of `buffer`."""
@@ -108,19 +120,101 @@ def _grown(buffer, like, keep, capacity):
     return new
 
 
-def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | None = None, lam: LambdaConfig | None = None,
-            last_only=False, hidden_only=False):
+class LambdaCache:
+    """LM-Infinite's bounded cache: keys and values of the first G positions and of the last L positions,
+    never more than G + L entries, so memory stays constant however long the stream.
+
+    That is all Λ attention ever reads: a token sees only the starting tokens and its L most recent
+    predecessors, so nothing else is needed again. Per layer: G slots for positions 0..G-1, never
+    evicted, then a ring of L slots, where position p >= G lives in slot G + (p - G) % L.
+    Keys are stored rotated at (position - origin). Logits depend only on differences of positions, so
+    when the stream passes origin + REBASE the origin moves up and the stored keys are rotated back by
+    the same amount: angles stay small however long the stream, and 10^9 tokens score like 10^4.
+    """
+    REBASE = 1 << 20
+    EMPTY = 1 << 62  # the position of an unfilled slot: after every query, so always masked
+
+    def __init__(self, n_layers, lam: LambdaConfig, theta):
+        self.lam, self.theta = lam, theta
+        self.k, self.v = [None] * n_layers, [None] * n_layers  # (H_kv, G + L, D) each
+        self.pos = torch.full((lam.n_global + lam.n_local,), self.EMPTY)  # absolute position held by each slot
+        self.length = 0  # tokens seen: the position of the next one; forward() advances it after the last layer
+        self.origin = 0
+
+    def slot(self, positions):
+        G, L = self.lam.n_global, self.lam.n_local
+        return torch.where(positions < G, positions, G + (positions - G) % L)
+
+    def kept(self, positions):
+        """Of a chunk's positions, those still in the cache after it: the starting ones and the last L."""
+        return (positions < self.lam.n_global) | (positions > positions[-1] - self.lam.n_local)
+
+    def update(self, layer, k, v):
+        """Store this chunk's (H_kv, T, D) keys/values; return the keys, values and positions to attend over.
+
+        A single token is stored first: it overwrites position p - L at most, which it no longer sees. A
+        longer chunk would overwrite keys its own first tokens still see, so it is attended over together
+        with the cache (one copy), then stored.
+        """
+        T, n = k.shape[1], self.pos.shape[0]
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = k.new_zeros(k.shape[0], n, k.shape[2]), v.new_zeros(v.shape[0], n, v.shape[2])
+        self.pos = self.pos.to(k.device)
+        positions = torch.arange(self.length, self.length + T, device=k.device)
+        keep = self.kept(positions)
+        slots = self.slot(positions[keep])
+        if T == 1:
+            self.k[layer][:, slots], self.v[layer][:, slots] = k, v
+            pos = self.pos.clone()
+            pos[slots] = positions
+            return self.k[layer], self.v[layer], pos
+        keys, values = torch.cat([self.k[layer], k], dim=1), torch.cat([self.v[layer], v], dim=1)
+        self.k[layer][:, slots], self.v[layer][:, slots] = k[:, keep], v[:, keep]
+        return keys, values, torch.cat([self.pos, positions])
+
+    def advance(self, T):
+        positions = torch.arange(self.length, self.length + T, device=self.pos.device)
+        keep = self.kept(positions)
+        self.pos[self.slot(positions[keep])] = positions[keep]
+        self.length += T
+
+    def rebase(self, T):
+        """Before a chunk of T tokens: move the origin up if positions would pass origin + REBASE."""
+        if self.length + T - self.origin <= self.REBASE:
+            return
+        shift = torch.tensor([self.length - self.origin], device=self.pos.device)
+        for layer, k in enumerate(self.k):
+            if k is not None:
+                self.k[layer] = rope(k, rope_angles(-shift, k.shape[2], self.theta))
+        self.origin = self.length
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+def new_cache(cfg: LlamaConfig, lam: LambdaConfig | None = None):
+    """The cache generation needs: bounded for LM-Infinite, growing for full attention."""
+    return KVCache(cfg.num_hidden_layers) if lam is None else LambdaCache(cfg.num_hidden_layers, lam, cfg.rope_theta)
+
+
+def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | LambdaCache | None = None,
+            lam: LambdaConfig | None = None, last_only=False, hidden_only=False):
     """Logits (T, V) for token ids (T,), which follow the cache's positions if a cache is given.
 
-    lam: Λ attention (LM-Infinite) instead of full causal attention.
+    lam: Λ attention (LM-Infinite) instead of full causal attention (a LambdaCache needs it).
     last_only: logits of the last token only, (1, V), which is all generation needs (skips most of the LM head).
     hidden_only: the final normalised hidden states (T, C) instead; lm_head() turns any slice of them into logits.
     """
     w = weights
     H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     T = tokens.shape[0]
-    start = cache.length if cache is not None else 0
-    angles = rope_angles(torch.arange(start, start + T, device=tokens.device), D, cfg.rope_theta)  # (T, D/2)
+    if isinstance(cache, LambdaCache):
+        if cache.lam != lam:
+            raise ValueError(f"this LambdaCache was made for {cache.lam}, not for lam={lam}")
+        cache.rebase(T)
+    start, origin = (cache.length, cache.origin) if cache is not None else (0, 0)
+    q_pos = torch.arange(start, start + T, device=tokens.device)
+    angles = rope_angles(q_pos - origin, D, cfg.rope_theta)  # (T, D/2): small angles, see LambdaCache
     x = w["model.embed_tokens.weight"][tokens]  # (T, C)
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
@@ -129,14 +223,13 @@ def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | None = None, lam
         k = (h @ w[p + "self_attn.k_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)  # (H_kv, T, D)
         v = (h @ w[p + "self_attn.v_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)  # (H_kv, T, D)
         q, k = rope(q, angles), rope(k, angles)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (H_kv, S, D)
-        a = attention(q, k, v, cfg.rope_theta, lam).transpose(0, 1).reshape(T, H * D)  # (T, H*D)
+        k, v, k_pos = cache.update(layer, k, v) if cache is not None else (k, v, q_pos)  # (H_kv, S, D), (S,)
+        a = attention(q, k, v, cfg.rope_theta, lam, q_pos, k_pos).transpose(0, 1).reshape(T, H * D)  # (T, H*D)
         x = x + a @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         x = x + (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
     if cache is not None:
-        cache.length += T
+        cache.advance(T)
     x = rms_norm(x[-1:] if last_only else x, w["model.norm.weight"], cfg.rms_norm_eps)
     return x if hidden_only else lm_head(w, cfg, x)
 

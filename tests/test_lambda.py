@@ -31,7 +31,8 @@ def torch_lambda(q, k, v, lam, dtype=torch.float32, theta=THETA):
     T, D = q.shape[1], q.shape[2]
     angles = model.rope_angles(torch.arange(T), D, theta)
     qt, kt, vt = (torch.tensor(x, dtype=dtype) for x in (q, k, v))
-    return model.attention(model.rope(qt, angles), model.rope(kt, angles), vt, theta, lam).double().numpy()
+    pos = torch.arange(T)
+    return model.attention(model.rope(qt, angles), model.rope(kt, angles), vt, theta, lam, pos, pos).double().numpy()
 
 
 @st.composite
@@ -126,7 +127,7 @@ def test_rope_preserves_norms_and_depends_only_on_distance(D, m_, n_, shift, see
 def test_torch_path_refuses_small_d_max():
     q = torch.zeros(1, 4, 4)
     with pytest.raises(UserError, match="reference"):
-        model.attention(q, q, q, THETA, LambdaConfig(1, 3, 1))
+        model.attention(q, q, q, THETA, LambdaConfig(1, 3, 1), torch.arange(4), torch.arange(4))
 
 
 @settings(max_examples=10, deadline=None)
@@ -157,7 +158,7 @@ torch.set_num_threads(1)
 T = int(sys.argv[1])
 q, k, v = torch.randn(9, T, 64), torch.randn(3, T, 64), torch.randn(3, T, 64)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-out = model.lambda_attention(q, k, v, 1e4, LambdaConfig(10, 512, 512))
+out = model.lambda_attention(q, k, v, 1e4, LambdaConfig(10, 512, 512), torch.arange(T), torch.arange(T))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
 """
 

@@ -60,3 +60,26 @@ def test_help_explains_every_flag():
     out = run_generate("--help").stdout
     for flag in ("--ckpt", "--prompt", "--max-new-tokens", "--temperature", "--seed", "--device", "--dtype"):
         assert flag in out
+
+
+def test_generate_lambda_past_the_window_is_greedy_under_the_definition(sp_ckpt, tmp_path):
+    """Past a small window (G=2, L=8) generate.py prints the greedy tokens of the NumPy Λ forward."""
+    import numpy as np
+    from lminf_min import reference
+    from lminf_min.config import LambdaConfig
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the cat sat on the mat and the dog ran to see a big red fish by the sea")
+    r = run_generate("--ckpt", sp_ckpt, "--prompt", prompt, "--max-new-tokens", 10, "--n-global", 2, "--n-local", 8)
+    assert r.returncode == 0, r.stderr
+    config, w = weights.load_checkpoint(sp_ckpt)
+    w = {n: t.numpy() for n, t in w.items()}
+    tok, lam = Tokenizer(sp_ckpt), LambdaConfig(2, 8, 8)
+    ids, new = tok.encode(prompt.read_text()), []
+    assert len(ids) > 16
+    for _ in range(10):
+        nxt = int(np.argmax(reference.forward(w, config, np.array(ids + new), lam)[-1, :tok.vocab_size]))
+        if nxt == config.eos_token_id:
+            break
+        new.append(nxt)
+    assert r.stdout.rstrip("\n") == tok.decode(new)
+    assert "bounded: G+L = 2+8" in r.stderr

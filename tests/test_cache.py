@@ -1,0 +1,66 @@
+"""The bounded LambdaCache: chunked prefill + decode through it == one Λ forward; exact positions forever."""
+import numpy as np
+import torch
+from hypothesis import given, settings, strategies as st
+
+from conftest import random_weights, tiny_config
+from lminf_min import model, reference
+from lminf_min.config import LambdaConfig, LlamaConfig
+
+
+def tiny(seed):
+    cfg = tiny_config()
+    w = random_weights(cfg, seed)
+    return LlamaConfig.from_dict(cfg), {n: torch.from_numpy(t) for n, t in w.items()}, w
+
+
+@settings(max_examples=25, deadline=None)
+@given(G=st.integers(0, 5), L=st.integers(1, 12), extra=st.integers(0, 6), T=st.integers(1, 60),
+       chunks=st.lists(st.integers(1, 20), min_size=1, max_size=8), seed=st.integers(0, 2**16))
+def test_chunked_prefill_and_decode_equal_one_pass(G, L, extra, T, chunks, seed):
+    """Random chunk sizes, then token-by-token decode, over lengths of several windows."""
+    config, w, w_np = tiny(seed)
+    lam = LambdaConfig(G, L, L - 1 + extra)
+    tokens = torch.from_numpy(np.random.default_rng(seed).integers(0, config.vocab_size, T))
+    expected = reference.forward(w_np, config, tokens.numpy(), lam)  # the NumPy definition, dense
+    cache, got, a = model.LambdaCache(config.num_hidden_layers, lam, config.rope_theta), [], 0
+    for size in chunks + [1] * T:
+        if a >= T:
+            break
+        got.append(model.forward(w, config, tokens[a:a + size], cache, lam))
+        a = min(a + size, T)
+        held = cache.pos[cache.pos != cache.EMPTY]
+        assert len(held) <= G + L and all(k.shape[1] == G + L for k in cache.k)
+        assert set(range(min(G, a))) <= set(held.tolist())  # starting tokens are never evicted
+        assert set(range(max(G, a - L), a)) <= set(held.tolist())  # the last L are all there
+    diff = np.abs(torch.cat(got).numpy() - expected).max()
+    assert diff <= 1e-4, f"max abs diff {diff:.3g}"
+
+
+def test_translation_far_into_the_stream():
+    """Decode logits at stream offset 10^8 equal those at offset 10^4 for identical window contents."""
+    config, w, _ = tiny(0)
+    lam = LambdaConfig(3, 16, 16)
+    starting, window = torch.arange(3) + 5, torch.arange(40) % config.vocab_size
+    logits = []
+    for offset in (10**4, 10**8):
+        cache = model.LambdaCache(config.num_hidden_layers, lam, config.rope_theta)
+        model.forward(w, config, starting, cache, lam)
+        cache.length = offset  # jump: positions 3..offset-1 passed long ago and have left the window
+        model.forward(w, config, window[:-1], cache, lam)
+        logits.append(model.forward(w, config, window[-1:], cache, lam))
+    assert cache.origin > 0  # the far stream really moved its origin
+    diff = (logits[0] - logits[1]).abs().max()
+    assert diff <= 1e-4, f"max abs diff {diff:.3g}"
+
+
+def test_cache_memory_is_constant():
+    config, w, _ = tiny(1)
+    lam = LambdaConfig(2, 8, 8)
+    cache = model.LambdaCache(config.num_hidden_layers, lam, config.rope_theta)
+    tokens = torch.randint(0, config.vocab_size, (300,), generator=torch.Generator().manual_seed(0))
+    sizes = []
+    for t in tokens:
+        model.forward(w, config, t.view(1), cache, lam)
+        sizes.append(cache.nbytes())
+    assert sizes[9] == sizes[-1] == config.num_hidden_layers * 2 * (2 + 8) * config.num_key_value_heads * config.head_dim * 4

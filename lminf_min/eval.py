@@ -45,16 +45,31 @@ def bucketed(nll, bucket):
     return rows
 
 
-def plot_ppl(rows, title, path):
+def plot_ppl(results, title, path):
+    """Perplexity against position, one line per result (the JSON that `ppl --json` writes), log scale."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([(r["start"] + r["end"]) / 2 for r in rows], [r["ppl"] for r in rows], marker="o")
-    ax.set(xlabel="token position", ylabel="perplexity (log scale)", yscale="log", title=title)
+    for r in results:
+        rows = r["buckets"]
+        ax.plot([(b["start"] + b["end"]) / 2 for b in rows], [b["ppl"] for b in rows], marker="o", label=f"{r['attention']}: {r['ppl']:.2f}")
+    ax.set(xlabel="token position (bucket centre)", ylabel="perplexity (log scale)", yscale="log", title=title)
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot(results, out, title):
+    runs = []
+    for path in results:
+        try:
+            runs.append(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path} ({e}); pass JSON files written by `eval ppl --json`") from None
+    plot_ppl(runs, title, out)
+    print(f"wrote {out}")
 
 
 @torch.inference_mode()
@@ -82,7 +97,7 @@ def ppl(ckpt, text, max_tokens, vanilla, n_global, n_local, d_max, bucket, json_
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
     if plot:
-        plot_ppl(result["buckets"], f"{name}, {Path(text).name}", plot)
+        plot_ppl([result], f"{Path(text).name}, {len(ids)} tokens", plot)
 
 
 def main(argv=None):
@@ -101,8 +116,12 @@ def main(argv=None):
     p.add_argument("--plot", help="draw perplexity against position into this PNG")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    p = sub.add_parser("plot", help="draw several `ppl --json` results on one perplexity-vs-position plot")
+    p.add_argument("results", nargs="+", help="JSON files written by `ppl --json`")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--title", default="perplexity by position", help="plot title")
     args = vars(parser.parse_args(argv))
-    {"ppl": ppl}[args.pop("command")](**args)
+    {"ppl": ppl, "plot": plot}[args.pop("command")](**args)
 
 
 if __name__ == "__main__":

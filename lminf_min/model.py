@@ -36,11 +36,16 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos):
     """Attention of T queries over S keys. q: (H, T, D), k, v: (H_kv, S, D), rotated at their positions;
     q_pos (T,) and k_pos (S,) are those positions (absolute, int64).
 
-    Without lam: causal attention through SDPA over keys that are positions 0..S-1 in order, whose
+    Without lam: causal attention through SDPA over keys that are positions 0..S-1 in order (as every
+    cache here returns them while no query is past the first window), whose
     enable_gqa shares each key/value head among H/H_kv query heads without copying (the batch axis of 1
-    matters: with 4-D inputs torch picks its fused flash kernel on CPU, 3x faster). With lam: Λ attention.
+    matters: with 4-D inputs torch picks its fused flash kernel on CPU, 3x faster). With lam: Λ attention,
+    which is exactly causal attention while every query is inside the first window (tests/test_lambda.py).
     """
-    if lam is not None:
+    if lam is not None and lam.d_max < lam.n_local - 1:
+        raise UserError(f"d_max={lam.d_max} < n_local - 1 = {lam.n_local - 1} would cap distances inside the window; "
+                        "the fast path does not do that: use lminf_min.reference.attention, or d_max >= n_local - 1")
+    if lam is not None and int(q_pos[-1]) >= lam.n_local:
         return lambda_attention(q, k, v, theta, lam, q_pos, k_pos)
     T, S = q.shape[1], k.shape[1]
     mask = None if T == S else torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + (S - T)
@@ -56,9 +61,6 @@ def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos):
     that have left the window (i - j >= L), scored at δ = min(i - j, d_max).
     """
     G, L = lam.n_global, lam.n_local
-    if lam.d_max < L - 1:
-        raise UserError(f"d_max={lam.d_max} < n_local - 1 = {L - 1} would cap distances inside the window; "
-                        "the fast path does not do that: use lminf_min.reference.attention, or d_max >= n_local - 1")
     (H, T, D), H_kv = q.shape, k.shape[0]
     is_start = k_pos < G
     k_start, v_start, jg = k[:, is_start], v[:, is_start], k_pos[is_start][None, :]  # (H_kv, g, D), (1, g)
@@ -66,8 +68,9 @@ def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos):
     for a in range(0, T, BLOCK):
         B = min(BLOCK, T - a)
         i = q_pos[a:a + B][:, None]  # (B, 1)
-        near = (k_pos > i[0] - L) & (k_pos <= i[-1])  # keys inside the window of some query of the block
-        kb, vb, j = (k, v, k_pos) if bool(near.all()) else (k[:, near], v[:, near], k_pos[near])  # <= L + B keys
+        near = ((k_pos > i[0] - L) & (k_pos <= i[-1])).nonzero()[:, 0]  # keys inside the window of some query of the block
+        lo, hi = int(near[0]), int(near[-1]) + 1  # a slice (no copy) holding them all: the band, for keys in order
+        kb, vb, j = k[:, lo:hi], v[:, lo:hi], k_pos[lo:hi]
         qb = q[:, a:a + B].reshape(H_kv, H // H_kv, B, D) / math.sqrt(D)  # heads grouped by their key/value head; scaled once
         local = torch.einsum("knbd,kwd->knbw", qb, kb).float()  # (H_kv, H/H_kv, B, W)
         local.masked_fill_(~((j[None, :] <= i) & (i - j[None, :] < L)), -math.inf)
@@ -157,6 +160,7 @@ class LambdaCache:
         with the cache (one copy), then stored.
         """
         T, n = k.shape[1], self.pos.shape[0]
+        filled = min(self.length, n)  # slots fill in order (slot = position) until the ring first wraps
         if self.k[layer] is None:
             self.k[layer], self.v[layer] = k.new_zeros(k.shape[0], n, k.shape[2]), v.new_zeros(v.shape[0], n, v.shape[2])
         self.pos = self.pos.to(k.device)
@@ -167,10 +171,11 @@ class LambdaCache:
             self.k[layer][:, slots], self.v[layer][:, slots] = k, v
             pos = self.pos.clone()
             pos[slots] = positions
-            return self.k[layer], self.v[layer], pos
-        keys, values = torch.cat([self.k[layer], k], dim=1), torch.cat([self.v[layer], v], dim=1)
+            n = min(filled + 1, n)
+            return self.k[layer][:, :n], self.v[layer][:, :n], pos[:n]
+        keys, values = torch.cat([self.k[layer][:, :filled], k], dim=1), torch.cat([self.v[layer][:, :filled], v], dim=1)
         self.k[layer][:, slots], self.v[layer][:, slots] = k[:, keep], v[:, keep]
-        return keys, values, torch.cat([self.pos, positions])
+        return keys, values, torch.cat([self.pos[:filled], positions])
 
     def advance(self, T):
         positions = torch.arange(self.length, self.length + T, device=self.pos.device)

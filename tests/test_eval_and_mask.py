@@ -54,6 +54,9 @@ def test_eval_ppl_cli(sp_ckpt, tmp_path):
     result = json.loads(out.read_text())
     assert result["tokens"] == 100 and [(b["start"], b["end"]) for b in result["buckets"]] == [(0, 40), (40, 80), (80, 100)]
     assert png.stat().st_size > 1000 and "perplexity" in r.stdout
+    both = tmp_path / "both.png"
+    r = subprocess.run([sys.executable, "-m", "lminf_min.eval", "plot", str(out), str(out), "--out", str(both)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and both.stat().st_size > 1000, r.stderr
 
 
 def test_mask_picture_rows_count_m_i(tmp_path):

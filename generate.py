@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import weights as ckpts
 from lminf_min import model
-from lminf_min.config import LambdaConfig, UserError, cli
+from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
 from lminf_min.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 1024  # prompt tokens per forward call: bounds the (chunk, vocab) logits and the attention mask
@@ -64,7 +64,7 @@ def prefill(weights, cfg, tokens, cache, lam=None):
 
 def decode_one_token(weights, cfg, token, cache, lam=None):
     """Logits (V,) after one more token."""
-    return model.forward(weights, cfg, token.view(1), cache, lam, last_only=True)[-1]
+    return model.forward(weights, cfg, token.view(1), cache, lam, last_only=True, decoding=True)[-1]
 
 
 def peak_memory_mb(device):
@@ -74,7 +74,8 @@ def peak_memory_mb(device):
 
 
 @torch.inference_mode()
-def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla, n_global, n_local, d_max):
+def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla, n_global, n_local, d_max,
+         top_k_middle, top_k_from_layer, top_k_distance):
     if max_new_tokens < 0:
         raise UserError(f"--max-new-tokens is {max_new_tokens}; it must be 0 or more")
     if temperature < 0:
@@ -87,7 +88,7 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; use the tokenizer that came with {ckpt}")
     ids = tok.encode(text)
-    lam = None if vanilla else LambdaConfig.for_model(cfg, n_global, n_local, d_max)
+    lam = None if vanilla else LambdaConfig.for_model(cfg, n_global, n_local, d_max, top_k_middle, top_k_from_layer, top_k_distance)
     if lam is not None and lam.d_max < lam.n_local - 1:
         raise UserError(f"--d-max {lam.d_max} is below --n-local - 1 = {lam.n_local - 1}; generation supports d_max >= n_local - 1")
     if lam is None and len(ids) > cfg.max_position_embeddings:
@@ -95,6 +96,7 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla
               "trained on; full attention degrades past that length (drop --vanilla for LM-Infinite)", file=sys.stderr)
     generator = torch.Generator().manual_seed(seed)
     cache = model.new_cache(cfg, lam)
+    cache_is_bounded = isinstance(cache, model.LambdaCache)
     t0 = time.perf_counter()
     logits = prefill(weights, cfg, torch.tensor(ids, device=device), cache, lam)
     t1 = time.perf_counter()
@@ -114,12 +116,12 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla
     print(file=sys.stdout)
     print(f"prompt {len(ids)} tokens, prefill {len(ids) / (t1 - t0):.0f} tokens/s; generated {len(out)} tokens, "
           f"{len(out) / max(t2 - t1, 1e-9):.1f} tokens/s; KV cache {cache.nbytes() / 2**20:.0f} MiB "
-          f"({'full' if lam is None else f'bounded: G+L = {lam.n_global}+{lam.n_local} positions'}); "
+          f"({'bounded: G+L = ' + f'{lam.n_global}+{lam.n_local} positions' if cache_is_bounded else 'full'}); "
           f"peak memory {peak_memory_mb(device):.0f} MiB ({device}, {dtype})", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--ckpt", help="checkpoint directory (config.json, *.safetensors, tokenizer); "
                         "default: SmolLM2-135M-Instruct, fetched and converted on first use")
     parser.add_argument("--prompt", required=True, help="text file whose contents the model continues")
@@ -132,4 +134,8 @@ if __name__ == "__main__":
     parser.add_argument("--n-global", type=int, default=10, help="G: starting tokens every token sees")
     parser.add_argument("--n-local", type=int, help="L: window of recent tokens (default: the model's training length)")
     parser.add_argument("--d-max", type=int, help="D: largest distance ever scored, >= L - 1 (default: L)")
+    parser.add_argument("--top-k-middle", type=int, default=0, help="paper §4: each generated token also attends, per head, "
+                        "to the K middle tokens with the largest logits (for retrieval). Keeps the whole cache (no eviction)")
+    parser.add_argument("--top-k-from-layer", type=int, default=0, help="first layer that uses the top-k middle tokens")
+    parser.add_argument("--top-k-distance", type=int, help="distance the middle tokens are scored at (default: L // 2)")
     cli(main)(**vars(parser.parse_args()))

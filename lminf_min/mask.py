@@ -6,7 +6,7 @@ import argparse
 
 import numpy as np
 
-from .config import LambdaConfig, UserError, cli
+from .config import HelpFormatter, LambdaConfig, UserError, cli
 from .reference import effective_distance, lambda_mask
 
 LEGEND = ("row i = query, column j = key\n"
@@ -54,7 +54,7 @@ def main(length, n_global, n_local, d_max, png):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--length", type=int, default=24, help="sequence length T")
     parser.add_argument("--n-global", type=int, default=3, help="G: starting tokens every later token sees")
     parser.add_argument("--n-local", type=int, default=6, help="L: window of recent tokens, the query included")

@@ -32,7 +32,7 @@ def rope(x, angles):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos):
+def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=False):
     """Attention of T queries over S keys. q: (H, T, D), k, v: (H_kv, S, D), rotated at their positions;
     q_pos (T,) and k_pos (S,) are those positions (absolute, int64).
 
@@ -41,24 +41,27 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos):
     enable_gqa shares each key/value head among H/H_kv query heads without copying (the batch axis of 1
     matters: with 4-D inputs torch picks its fused flash kernel on CPU, 3x faster). With lam: Λ attention,
     which is exactly causal attention while every query is inside the first window (tests/test_lambda.py).
+    top_k: one decoding query that also sees the lam.top_k middle keys with the largest logits (paper §4).
     """
     if lam is not None and lam.d_max < lam.n_local - 1:
         raise UserError(f"d_max={lam.d_max} < n_local - 1 = {lam.n_local - 1} would cap distances inside the window; "
                         "the fast path does not do that: use lminf_min.reference.attention, or d_max >= n_local - 1")
     if lam is not None and int(q_pos[-1]) >= lam.n_local:
-        return lambda_attention(q, k, v, theta, lam, q_pos, k_pos)
+        return lambda_attention(q, k, v, theta, lam, q_pos, k_pos, top_k)
     T, S = q.shape[1], k.shape[1]
     mask = None if T == S else torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + (S - T)
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=T == S, enable_gqa=True)[0]  # (H, T, D)
 
 
-def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos):
+def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False):
     """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory: blocks of BLOCK queries.
 
     Keys may come in any order (LambdaCache keeps a ring buffer); queries come in ascending order.
     Each block scores two groups of keys in one softmax: the local band (the L most recent keys of each
     query, at their true distance i - j <= L - 1 <= d_max, i.e. plain RoPE) and the starting tokens j < G
-    that have left the window (i - j >= L), scored at δ = min(i - j, d_max).
+    that have left the window (i - j >= L), scored at δ = min(i - j, d_max). With top_k (one query), a
+    third group: per head, the lam.top_k middle keys (G <= j, i - j >= L) with the largest logits at
+    distance lam.top_k_distance.
     """
     G, L = lam.n_global, lam.n_local
     (H, T, D), H_kv = q.shape, k.shape[0]
@@ -80,11 +83,29 @@ def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos):
         q_at = rope(qb[:, :, :, None, :], rope_angles(-excess.flatten(), D, theta).view(B, -1, D // 2))  # (H_kv, H/H_kv, B, g, D)
         start = torch.einsum("knbgd,kgd->knbg", q_at, k_start).float()  # (H_kv, H/H_kv, B, g)
         start.masked_fill_(i - jg < L, -math.inf)  # inside the window they are counted in `local`
-        p = torch.softmax(torch.cat([start, local], dim=-1), dim=-1).to(v.dtype)  # one softmax over both groups
-        g = start.shape[-1]
-        o = torch.einsum("knbg,kgd->knbd", p[..., :g], v_start) + torch.einsum("knbw,kwd->knbd", p[..., g:], vb)
+        middle = top_k_middle(qb, k, v, theta, lam, int(i), k_pos) if top_k else None  # (logits, values)
+        groups = [start, local] + ([middle[0]] if top_k else [])
+        p = torch.softmax(torch.cat(groups, dim=-1), dim=-1).to(v.dtype).split([s.shape[-1] for s in groups], dim=-1)  # one softmax
+        o = torch.einsum("knbg,kgd->knbd", p[0], v_start) + torch.einsum("knbw,kwd->knbd", p[1], vb)
+        if top_k:
+            o = o + torch.einsum("knbc,kncd->knbd", p[2], middle[1])
         out[:, a:a + B] = o.reshape(H, B, D)
     return out
+
+
+def top_k_middle(qb, k, v, theta, lam: LambdaConfig, i, k_pos):
+    """Logits (H_kv, H/H_kv, 1, K) and values (H_kv, H/H_kv, K, D) of the top-K middle keys of query i, per head.
+
+    qb: (H_kv, H/H_kv, 1, D), scaled and rotated at i; k rotated at k_pos. Rotating k_j forward by the excess
+    (i - j) - top_k_distance makes their product the logit at top_k_distance.
+    """
+    middle = (k_pos >= lam.n_global) & (k_pos <= i - lam.n_local)
+    k_mid, v_mid = k[:, middle], v[:, middle]  # (H_kv, M, D)
+    k_at = rope(k_mid, rope_angles(i - k_pos[middle] - lam.top_k_distance, k.shape[2], theta))
+    logits = torch.einsum("knbd,kmd->knbm", qb, k_at).float()  # (H_kv, H/H_kv, 1, M)
+    top, index = logits.topk(min(lam.top_k, k_mid.shape[1]), dim=-1)  # (H_kv, H/H_kv, 1, K)
+    values = torch.stack([v_mid[kv, index[kv, :, 0]] for kv in range(k.shape[0])])  # (H_kv, H/H_kv, K, D)
+    return top, values
 
 
 class KVCache:
@@ -198,21 +219,27 @@ class LambdaCache:
 
 
 def new_cache(cfg: LlamaConfig, lam: LambdaConfig | None = None):
-    """The cache generation needs: bounded for LM-Infinite, growing for full attention."""
-    return KVCache(cfg.num_hidden_layers) if lam is None else LambdaCache(cfg.num_hidden_layers, lam, cfg.rope_theta)
+    """The cache generation needs: bounded for LM-Infinite, growing for full attention and for top-k
+    middle tokens (which may pick any key, so none can be evicted)."""
+    if lam is None or lam.top_k:
+        return KVCache(cfg.num_hidden_layers)
+    return LambdaCache(cfg.num_hidden_layers, lam, cfg.rope_theta)
 
 
 def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | LambdaCache | None = None,
-            lam: LambdaConfig | None = None, last_only=False, hidden_only=False):
+            lam: LambdaConfig | None = None, last_only=False, hidden_only=False, decoding=False):
     """Logits (T, V) for token ids (T,), which follow the cache's positions if a cache is given.
 
     lam: Λ attention (LM-Infinite) instead of full causal attention (a LambdaCache needs it).
     last_only: logits of the last token only, (1, V), which is all generation needs (skips most of the LM head).
     hidden_only: the final normalised hidden states (T, C) instead; lm_head() turns any slice of them into logits.
+    decoding: one generated token, which also sees the top-k middle keys if lam asks for them (paper §4).
     """
     w = weights
     H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     T = tokens.shape[0]
+    if decoding and T != 1:
+        raise ValueError(f"decoding=True takes one token, not {T}")
     if isinstance(cache, LambdaCache):
         if cache.lam != lam:
             raise ValueError(f"this LambdaCache was made for {cache.lam}, not for lam={lam}")
@@ -229,7 +256,8 @@ def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | LambdaCache | No
         v = (h @ w[p + "self_attn.v_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)  # (H_kv, T, D)
         q, k = rope(q, angles), rope(k, angles)
         k, v, k_pos = cache.update(layer, k, v) if cache is not None else (k, v, q_pos)  # (H_kv, S, D), (S,)
-        a = attention(q, k, v, cfg.rope_theta, lam, q_pos, k_pos).transpose(0, 1).reshape(T, H * D)  # (T, H*D)
+        top_k = decoding and lam is not None and lam.top_k > 0 and layer >= lam.top_k_from_layer
+        a = attention(q, k, v, cfg.rope_theta, lam, q_pos, k_pos, top_k).transpose(0, 1).reshape(T, H * D)  # (T, H*D)
         x = x + a @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         x = x + (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T

@@ -64,3 +64,29 @@ def test_cache_memory_is_constant():
         model.forward(w, config, t.view(1), cache, lam)
         sizes.append(cache.nbytes())
     assert sizes[9] == sizes[-1] == config.num_hidden_layers * 2 * (2 + 8) * config.num_key_value_heads * config.head_dim * 4
+
+
+@settings(max_examples=20, deadline=None)
+@given(G=st.integers(0, 4), L=st.integers(1, 8), K=st.integers(1, 6), from_layer=st.integers(0, 2), distance=st.integers(0, 10),
+       prompt=st.integers(1, 40), new=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_top_k_middle_decode_matches_definition(G, L, K, from_layer, distance, prompt, new, seed):
+    """Prefill without top-k, then decode with it: the logits of the NumPy definition (decoding_from = prompt)."""
+    config, w, w_np = tiny(seed)
+    lam = LambdaConfig(G, L, L, top_k=K, top_k_from_layer=from_layer, top_k_distance=distance)
+    tokens = torch.from_numpy(np.random.default_rng(seed).integers(0, config.vocab_size, prompt + new))
+    expected = reference.forward(w_np, config, tokens.numpy(), lam, decoding_from=prompt)
+    cache = model.new_cache(config, lam)
+    assert isinstance(cache, model.KVCache)  # top-k may pick any key: nothing is evicted
+    got = [model.forward(w, config, tokens[:prompt], cache, lam)]
+    got += [model.forward(w, config, tokens[t:t + 1], cache, lam, decoding=True) for t in range(prompt, prompt + new)]
+    diff = np.abs(torch.cat(got).numpy() - expected).max()
+    assert diff <= 1e-4, f"max abs diff {diff:.3g}"
+
+
+def test_top_k_changes_what_decoding_sees():
+    """With middle keys present, top-k decoding differs from plain Λ decoding (the check above is not vacuous)."""
+    config, w, w_np = tiny(5)
+    tokens = np.random.default_rng(5).integers(0, config.vocab_size, 30)
+    plain = reference.forward(w_np, config, tokens, LambdaConfig(1, 4, 4))
+    top = reference.forward(w_np, config, tokens, LambdaConfig(1, 4, 4, top_k=3, top_k_distance=2), decoding_from=20)
+    assert np.abs(plain[:20] - top[:20]).max() == 0 and np.abs(plain[20:] - top[20:]).max() > 1e-3

@@ -58,7 +58,8 @@ def test_generate_sampling_is_seeded(sp_ckpt, tmp_path):
 
 def test_help_explains_every_flag():
     out = run_generate("--help").stdout
-    for flag in ("--ckpt", "--prompt", "--max-new-tokens", "--temperature", "--seed", "--device", "--dtype"):
+    for flag in ("--ckpt", "--prompt", "--max-new-tokens", "--temperature", "--seed", "--device", "--dtype", "--vanilla",
+                 "--n-global", "--n-local", "--d-max", "--top-k-middle", "--top-k-from-layer", "--top-k-distance"):
         assert flag in out
 
 
@@ -83,3 +84,26 @@ def test_generate_lambda_past_the_window_is_greedy_under_the_definition(sp_ckpt,
         new.append(nxt)
     assert r.stdout.rstrip("\n") == tok.decode(new)
     assert "bounded: G+L = 2+8" in r.stderr
+
+
+def test_generate_top_k_middle_is_greedy_under_the_definition(sp_ckpt, tmp_path):
+    """--top-k-middle: generated tokens follow the NumPy definition with top-k rows from the prompt's end."""
+    import numpy as np
+    from lminf_min import reference
+    from lminf_min.config import LambdaConfig
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the cat sat on the mat and the dog ran to see a big red fish by the sea and the cat ate it")
+    r = run_generate("--ckpt", sp_ckpt, "--prompt", prompt, "--max-new-tokens", 8, "--n-global", 2, "--n-local", 6,
+                     "--top-k-middle", 3, "--top-k-from-layer", 1, "--top-k-distance", 4)
+    assert r.returncode == 0, r.stderr
+    config, w = weights.load_checkpoint(sp_ckpt)
+    w = {n: t.numpy() for n, t in w.items()}
+    tok, lam = Tokenizer(sp_ckpt), LambdaConfig(2, 6, 6, top_k=3, top_k_from_layer=1, top_k_distance=4)
+    ids, new = tok.encode(prompt.read_text()), []
+    for _ in range(8):  # row len(ids) - 1 is prefill (no top-k); rows after it are decoded tokens
+        nxt = int(np.argmax(reference.forward(w, config, np.array(ids + new), lam, decoding_from=len(ids))[-1, :tok.vocab_size]))
+        if nxt == config.eos_token_id:
+            break
+        new.append(nxt)
+    assert r.stdout.rstrip("\n") == tok.decode(new)
+    assert "(full)" in r.stderr

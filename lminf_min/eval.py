@@ -3,8 +3,10 @@
     python -m lminf_min.eval ppl --text FILE --max-tokens 16384                 # LM-Infinite, the paper's defaults
     python -m lminf_min.eval ppl --text FILE --max-tokens 16384 --vanilla       # full attention
     python -m lminf_min.eval ppl --text FILE --max-tokens 16384 --n-global 0    # sliding window only
+    python -m lminf_min.eval stream --text A.txt B.txt --tokens 200000          # an endless stream, bounded memory
 """
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -15,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import weights as ckpts
-from generate import pick_device, read_prompt
+from generate import peak_memory_mb, pick_device, read_prompt
 from lminf_min import model
 from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
 from lminf_min.tokenizer import Tokenizer
@@ -23,16 +25,24 @@ from lminf_min.tokenizer import Tokenizer
 CHUNK = 2048  # tokens per forward call: bounds the (chunk, vocab) logits; keys before it come from the cache
 
 
-def token_nll(weights, cfg, tokens, lam, progress=True):
-    """NLL (N-1,) of each token given all before it, one pass through the cache in chunks of CHUNK tokens."""
-    cache, out = model.new_cache(cfg, lam), []
-    for a in tqdm(range(0, len(tokens), CHUNK), desc="perplexity", unit="chunk", disable=not progress, file=sys.stderr):
-        chunk = tokens[a:a + CHUNK]
+def stream_nll(weights, cfg, chunks, lam):
+    """For a stream given as token chunks, yield per chunk the NLL of its tokens (the very first has none).
+
+    One pass through the cache (bounded for LM-Infinite): memory does not grow with the stream.
+    """
+    cache, last = model.new_cache(cfg, lam), None  # last: log-probs after the previous chunk, for this chunk's first token
+    for chunk in chunks:
         hidden = model.forward(weights, cfg, chunk, cache, lam=lam, hidden_only=True)  # (T, C)
-        targets = tokens[a + 1:a + 1 + len(chunk)]  # the last chunk has one target fewer
-        logp = torch.log_softmax(model.lm_head(weights, cfg, hidden[:len(targets)]), dim=-1)  # (T, V) float32
-        out.append(-logp.gather(1, targets[:, None])[:, 0])
-    return torch.cat(out).double().cpu()
+        logp = torch.log_softmax(model.lm_head(weights, cfg, hidden), dim=-1)  # (T, V) float32
+        nll = -logp[:-1].gather(1, chunk[1:, None])[:, 0]
+        yield (nll if last is None else torch.cat([-last[chunk[:1]], nll])).double().cpu()
+        last = logp[-1]
+
+
+def token_nll(weights, cfg, tokens, lam, progress=True):
+    """NLL (N-1,) of each token given all before it, in chunks of CHUNK tokens."""
+    chunks = tqdm(tokens.split(CHUNK), desc="perplexity", unit="chunk", disable=not progress, file=sys.stderr)
+    return torch.cat(list(stream_nll(weights, cfg, chunks, lam)))
 
 
 def bucketed(nll, bucket):
@@ -70,6 +80,48 @@ def plot(results, out, title):
             raise UserError(f"cannot read {path} ({e}); pass JSON files written by `eval ppl --json`") from None
     plot_ppl(runs, title, out)
     print(f"wrote {out}")
+
+
+def sampled_stream(docs, n_tokens, seed):
+    """Chunks of CHUNK tokens (n_tokens in all): whole documents drawn with replacement, one after another."""
+    rng, buffer, done = torch.Generator().manual_seed(seed), [], 0
+    while done < n_tokens:
+        buffer += docs[int(torch.randint(len(docs), (1,), generator=rng))]
+        while len(buffer) >= CHUNK or (buffer and done + len(buffer) >= n_tokens):
+            chunk, buffer = buffer[:min(CHUNK, n_tokens - done)], buffer[CHUNK:]
+            done += len(chunk)
+            yield torch.tensor(chunk)
+            if done >= n_tokens:
+                return
+
+
+@torch.inference_mode()
+def stream(ckpt, text, tokens, segment, n_global, n_local, d_max, seed, json_out, device, dtype):
+    if tokens < 2 or segment < 1:
+        raise UserError("--tokens must be at least 2 and --segment at least 1")
+    device = pick_device(device)
+    ckpt = Path(ckpt) if ckpt else ckpts.default_checkpoint()
+    cfg, w = ckpts.load_checkpoint(ckpt, device=device, dtype=getattr(torch, dtype))
+    lam, tok = LambdaConfig.for_model(cfg, n_global, n_local, d_max), Tokenizer(ckpt)
+    docs = [tok.encode(read_prompt(t)) for t in text]
+    nlls = stream_nll(w, cfg, (c.to(device) for c in sampled_stream(docs, tokens, seed)), lam)
+    rows, pending, total = [], torch.zeros(0, dtype=torch.float64), 0.0
+    bar = tqdm(total=tokens - 1, desc="stream", unit="tok", file=sys.stderr)
+    for nll in itertools.chain(nlls, [None]):  # None marks the end: report the last, partial segment
+        if nll is not None:
+            bar.update(len(nll))
+            pending, total = torch.cat([pending, nll]), total + float(nll.sum())
+        while len(pending) >= segment or (nll is None and len(pending)):
+            part, pending = pending[:segment], pending[segment:]
+            start = rows[-1]["end"] if rows else 1  # the first token has no prediction
+            rows.append({"start": start, "end": start + len(part), "ppl": math.exp(part.mean()), "peak_memory_mib": round(peak_memory_mb(device))})
+            bar.write(f"  tokens {start:>10}-{start + len(part):<10} perplexity {rows[-1]['ppl']:8.2f}   peak memory {rows[-1]['peak_memory_mib']} MiB")
+    bar.close()
+    result = {"tokens": tokens, "ppl": math.exp(total / (tokens - 1)), "segments": rows, "texts": [Path(t).name for t in text],
+              "attention": f"LM-Infinite G={lam.n_global} L={lam.n_local} D={lam.d_max}", "device": device, "dtype": dtype}
+    print(f"{result['attention']}: a stream of {tokens} tokens from {len(docs)} document(s), perplexity {result['ppl']:.2f}")
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 @torch.inference_mode()
@@ -116,12 +168,25 @@ def main(argv=None):
     p.add_argument("--plot", help="draw perplexity against position into this PNG")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    p = sub.add_parser("stream", help="perplexity of an endless stream (documents drawn with replacement) through the bounded cache",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
+    p.add_argument("--text", nargs="+", required=True, help="UTF-8 documents to draw from")
+    p.add_argument("--tokens", type=int, required=True, help="length of the stream")
+    p.add_argument("--segment", type=int, default=20000, help="tokens per reported perplexity")
+    p.add_argument("--n-global", type=int, default=10, help="G: starting tokens every token sees")
+    p.add_argument("--n-local", type=int, help="L: window of recent tokens (default: the model's training length)")
+    p.add_argument("--d-max", type=int, help="D: largest distance ever scored, >= L - 1 (default: L)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document draws")
+    p.add_argument("--json", dest="json_out", help="write the result as JSON here")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     p = sub.add_parser("plot", help="draw several `ppl --json` results on one perplexity-vs-position plot")
     p.add_argument("results", nargs="+", help="JSON files written by `ppl --json`")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--title", default="perplexity by position", help="plot title")
     args = vars(parser.parse_args(argv))
-    {"ppl": ppl, "plot": plot}[args.pop("command")](**args)
+    {"ppl": ppl, "stream": stream, "plot": plot}[args.pop("command")](**args)
 
 
 if __name__ == "__main__":

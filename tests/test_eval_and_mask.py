@@ -71,3 +71,28 @@ def test_mask_picture_rows_count_m_i(tmp_path):
         assert sum(c in "#G+" for c in row[1:25]) == m and row[-1] == f"m={m}"
         assert row[1 + i] == "#" and all(row[1 + j] in "#G" for j in range(min(3, i + 1)))
     assert png.stat().st_size > 1000
+
+
+def test_sampled_stream_draws_whole_documents():
+    docs = [[1, 2, 3], [7, 8]]
+    with mock.patch.object(lm_eval, "CHUNK", 4):
+        chunks = list(lm_eval.sampled_stream(docs, 23, seed=0))
+    flat = torch.cat(chunks).tolist()
+    assert len(flat) == 23 and all(len(c) == 4 for c in chunks[:-1])
+    i = 0
+    while i + 3 <= len(flat):  # the stream is a sequence of whole documents (the last may be cut)
+        size = 3 if flat[i] == 1 else 2
+        assert flat[i:i + size] == docs[0 if size == 3 else 1]
+        i += size
+
+
+def test_eval_stream_cli(sp_ckpt, tmp_path):
+    a, b, out = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "s.json"
+    a.write_text("the cat sat on the mat and ran to see the dog")
+    b.write_text("a big red fish by the sea")
+    args = ["--ckpt", sp_ckpt, "--text", a, b, "--tokens", 300, "--segment", 100, "--n-global", 2, "--n-local", 16, "--json", out]
+    r = subprocess.run([sys.executable, "-m", "lminf_min.eval", "stream", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert [(s["start"], s["end"]) for s in result["segments"]] == [(1, 101), (101, 201), (201, 300)]
+    assert all(math.isfinite(s["ppl"]) and s["ppl"] > 1 for s in result["segments"])

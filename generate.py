@@ -89,8 +89,6 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; use the tokenizer that came with {ckpt}")
     ids = tok.encode(text)
     lam = None if vanilla else LambdaConfig.for_model(cfg, n_global, n_local, d_max, top_k_middle, top_k_from_layer, top_k_distance)
-    if lam is not None and lam.d_max < lam.n_local - 1:
-        raise UserError(f"--d-max {lam.d_max} is below --n-local - 1 = {lam.n_local - 1}; generation supports d_max >= n_local - 1")
     if lam is None and len(ids) > cfg.max_position_embeddings:
         print(f"warning: the prompt has {len(ids)} tokens, more than the {cfg.max_position_embeddings} this model was "
               "trained on; full attention degrades past that length (drop --vanilla for LM-Infinite)", file=sys.stderr)

@@ -152,35 +152,34 @@ def ppl(ckpt, text, max_tokens, vanilla, n_global, n_local, d_max, bucket, json_
         plot_ppl([result], f"{Path(text).name}, {len(ids)} tokens", plot)
 
 
+def add_common_args(p):
+    """Flags that ppl and stream share: checkpoint, the Λ knobs, output, device."""
+    p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
+    p.add_argument("--n-global", type=int, default=10, help="G: starting tokens every token sees")
+    p.add_argument("--n-local", type=int, help="L: window of recent tokens (default: the model's training length)")
+    p.add_argument("--d-max", type=int, help="D: largest distance ever scored, >= L - 1 (default: L)")
+    p.add_argument("--json", dest="json_out", help="write the result as JSON here")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ppl", help="perplexity by position over one long text", formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
+    add_common_args(p)
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--max-tokens", type=int, required=True, help="evaluate the first N tokens of the text")
     p.add_argument("--vanilla", action="store_true", help="full causal attention instead of LM-Infinite")
-    p.add_argument("--n-global", type=int, default=10, help="G: starting tokens every token sees")
-    p.add_argument("--n-local", type=int, help="L: window of recent tokens (default: the model's training length)")
-    p.add_argument("--d-max", type=int, help="D: largest distance ever scored (default: L)")
     p.add_argument("--bucket", type=int, default=4096, help="positions per perplexity bucket")
-    p.add_argument("--json", dest="json_out", help="write the result as JSON here")
     p.add_argument("--plot", help="draw perplexity against position into this PNG")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     p = sub.add_parser("stream", help="perplexity of an endless stream (documents drawn with replacement) through the bounded cache",
                        formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
+    add_common_args(p)
     p.add_argument("--text", nargs="+", required=True, help="UTF-8 documents to draw from")
     p.add_argument("--tokens", type=int, required=True, help="length of the stream")
     p.add_argument("--segment", type=int, default=20000, help="tokens per reported perplexity")
-    p.add_argument("--n-global", type=int, default=10, help="G: starting tokens every token sees")
-    p.add_argument("--n-local", type=int, help="L: window of recent tokens (default: the model's training length)")
-    p.add_argument("--d-max", type=int, help="D: largest distance ever scored, >= L - 1 (default: L)")
     p.add_argument("--seed", type=int, default=0, help="seed of the document draws")
-    p.add_argument("--json", dest="json_out", help="write the result as JSON here")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     p = sub.add_parser("plot", help="draw several `ppl --json` results on one perplexity-vs-position plot")
     p.add_argument("results", nargs="+", help="JSON files written by `ppl --json`")
     p.add_argument("--out", required=True, help="PNG file to write")

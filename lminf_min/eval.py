@@ -4,11 +4,14 @@
     python -m lminf_min.eval ppl --text FILE --max-tokens 16384 --vanilla       # full attention
     python -m lminf_min.eval ppl --text FILE --max-tokens 16384 --n-global 0    # sliding window only
     python -m lminf_min.eval stream --text A.txt B.txt --tokens 200000          # an endless stream, bounded memory
+    python -m lminf_min.eval passkey --lengths 4096,16384 --samples 20          # find a number hidden in filler text
 """
 import argparse
+import copy
 import itertools
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import weights as ckpts
-from generate import peak_memory_mb, pick_device, read_prompt
+from generate import decode_one_token, peak_memory_mb, pick_device, prefill, read_prompt
 from lminf_min import model
 from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
 from lminf_min.tokenizer import Tokenizer
@@ -152,6 +155,99 @@ def ppl(ckpt, text, max_tokens, vanilla, n_global, n_local, d_max, bucket, json_
         plot_ppl([result], f"{Path(text).name}, {len(ids)} tokens", plot)
 
 
+PASSKEY_TASK = "A secret number is hidden somewhere in the long text below. Find it and remember it: you will be asked for it at the end.\n"
+PASSKEY_FILLER = " The river runs past the old mill. A cart rolls along the road to the market. Snow lies on the far hills."
+PASSKEY_KEY = " Here is the secret number: {key}. Remember {key}."
+PASSKEY_QUESTION = "\nWhat is the secret number hidden in the text above? The secret number is"
+
+
+def passkey_prompt(tok, length, depth, key):
+    """Token ids (exactly `length`) of the task, filler with the key sentence at `depth` (0 = first, 1 = last
+    filler sentence), and the question; and the index of the key sentence's first token.
+
+    The pieces are tokenized apart and joined, so the length is exact and the key's tokens are the same at every depth."""
+    task, unit, key_ids, question = (tok.encode(t) for t in (PASSKEY_TASK, PASSKEY_FILLER, PASSKEY_KEY.format(key=key), PASSKEY_QUESTION))
+    n_fill = length - len(task) - len(key_ids) - len(question)
+    if n_fill < len(unit):
+        raise UserError(f"passkey length {length} is too short for the prompt; use lengths of at least {length - n_fill + len(unit)} tokens")
+    filler = (unit * (n_fill // len(unit) + 1))[:n_fill]
+    at = round(depth * (n_fill // len(unit))) * len(unit)  # between two filler units
+    return task + filler[:at] + key_ids + filler[at:] + question, len(task) + at
+
+
+def greedy_answer(weights, cfg, cache, tail, lam, vocab, n_tokens=8):
+    """Feed `tail` one token at a time as in decoding (so top-k middle tokens see it), then n_tokens greedy tokens
+    (of the tokenizer's `vocab`: padding rows of the embedding never win)."""
+    out = []
+    for t in tail:
+        logits = decode_one_token(weights, cfg, t, cache, lam)
+    for _ in range(n_tokens):
+        out.append(int(logits[:vocab].argmax()))
+        logits = decode_one_token(weights, cfg, torch.tensor(out[-1:], device=tail.device), cache, lam)
+    return out
+
+
+@torch.inference_mode()
+def passkey(ckpt, lengths, samples, depths, top_k_middle, top_k_from_layer, top_k_distance, seed, json_out, device, dtype,
+            n_global, n_local, d_max):
+    try:
+        lengths = [int(n) for n in lengths.split(",")]
+    except ValueError:
+        raise UserError(f"--lengths {lengths!r}: give token counts separated by commas, e.g. 4096,8192") from None
+    if samples < 1 or depths < 1 or top_k_middle < 1:
+        raise UserError("--samples, --depths and --top-k-middle must be at least 1")
+    device = pick_device(device)
+    ckpt = Path(ckpt) if ckpt else ckpts.default_checkpoint()
+    cfg, w = ckpts.load_checkpoint(ckpt, device=device, dtype=getattr(torch, dtype))
+    tok, rng = Tokenizer(ckpt), torch.Generator().manual_seed(seed)
+    lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
+    top_k_name = f"LM-Infinite + top-{top_k_middle}"
+    methods = {"vanilla": None, "LM-Infinite": lam,
+               top_k_name: LambdaConfig.for_model(cfg, n_global, n_local, d_max, top_k_middle, top_k_from_layer, top_k_distance)}
+    for length in lengths:
+        passkey_prompt(tok, length, 0.5, "10000")  # a clear error for a length too short, before any work
+    rows = []
+    bar = tqdm(total=len(lengths) * samples, desc="passkey", unit="prompt", file=sys.stderr)
+    for length, s in itertools.product(lengths, range(samples)):
+        depth, key = (s % depths + 0.5) / depths, str(int(torch.randint(10000, 100000, (1,), generator=rng)))
+        ids, key_at = passkey_prompt(tok, length, depth, key)
+        ids = torch.tensor(ids, device=device)
+        haystack, question = ids[:-len(tok.encode(PASSKEY_QUESTION))], ids[-len(tok.encode(PASSKEY_QUESTION)):]
+        cache = model.KVCache(cfg.num_hidden_layers)
+        if length <= lam.n_local:  # every token inside the window: the three are one computation (T <= L, tests/test_lambda.py)
+            prefill(w, cfg, haystack, cache)
+            answers = dict.fromkeys(methods, greedy_answer(w, cfg, cache, question, None, tok.vocab_size))
+        else:
+            prefill(w, cfg, haystack, cache)
+            answers = {"vanilla": greedy_answer(w, cfg, cache, question, None, tok.vocab_size)}
+            cache = model.KVCache(cfg.num_hidden_layers)  # a full cache, so that top-k can reuse LM-Infinite's haystack
+            prefill(w, cfg, haystack, cache, lam)
+            shared = copy.deepcopy(cache)
+            answers["LM-Infinite"] = greedy_answer(w, cfg, cache, question, lam, tok.vocab_size)
+            answers[top_k_name] = greedy_answer(w, cfg, shared, question, methods[top_k_name], tok.vocab_size)
+        for name, out in answers.items():
+            text = tok.decode(out)
+            rows.append({"length": length, "depth": depth, "key_position": key_at, "key": key, "method": name, "answer": text,
+                         "correct": (re.findall(r"\d+", text) or [""])[0] == key})
+        bar.update()
+    bar.close()
+    summary = passkey_table(rows, lengths, sorted({r["depth"] for r in rows}), methods)
+    print(summary)
+    if json_out:
+        Path(json_out).write_text(json.dumps({"rows": rows, "table": summary, "checkpoint": str(ckpt), "device": device, "dtype": dtype,
+                                              "window": lam.n_local, "samples": samples, "seed": seed}, indent=1) + "\n")
+
+
+def passkey_table(rows, lengths, depths, methods):
+    """Markdown: per length and method, exact-match accuracy overall and at each depth."""
+    lines = ["| length | method | accuracy | " + " | ".join(f"depth {d:.2f}" for d in depths) + " |", "|---" * (3 + len(depths)) + "|"]
+    for length, name in itertools.product(lengths, methods):
+        cell = [r for r in rows if r["length"] == length and r["method"] == name]
+        at = [[r["correct"] for r in cell if r["depth"] == d] for d in depths]
+        lines.append(f"| {length} | {name} | {sum(r['correct'] for r in cell)}/{len(cell)} | " + " | ".join(f"{sum(a)}/{len(a)}" for a in at) + " |")
+    return "\n".join(lines)
+
+
 def add_common_args(p):
     """Flags that ppl and stream share: checkpoint, the Λ knobs, output, device."""
     p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
@@ -180,12 +276,22 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, required=True, help="length of the stream")
     p.add_argument("--segment", type=int, default=20000, help="tokens per reported perplexity")
     p.add_argument("--seed", type=int, default=0, help="seed of the document draws")
+    p = sub.add_parser("passkey", help="retrieve a 5-digit number hidden in filler text: vanilla, LM-Infinite, LM-Infinite + top-k",
+                       formatter_class=HelpFormatter)
+    add_common_args(p)
+    p.add_argument("--lengths", default="4096,8192,16384,32768", help="prompt lengths in tokens, comma-separated")
+    p.add_argument("--samples", type=int, default=20, help="prompts per length, their keys spread over the depths")
+    p.add_argument("--depths", type=int, default=5, help="number of evenly spread key depths")
+    p.add_argument("--top-k-middle", type=int, default=5, help="K middle keys per head for the top-k method (it keeps the whole cache)")
+    p.add_argument("--top-k-from-layer", type=int, default=0, help="first layer that sees the top-k middle keys")
+    p.add_argument("--top-k-distance", type=int, help="distance they are scored at (default: L // 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the keys")
     p = sub.add_parser("plot", help="draw several `ppl --json` results on one perplexity-vs-position plot")
     p.add_argument("results", nargs="+", help="JSON files written by `ppl --json`")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--title", default="perplexity by position", help="plot title")
     args = vars(parser.parse_args(argv))
-    {"ppl": ppl, "stream": stream, "plot": plot}[args.pop("command")](**args)
+    {"ppl": ppl, "stream": stream, "passkey": passkey, "plot": plot}[args.pop("command")](**args)
 
 
 if __name__ == "__main__":

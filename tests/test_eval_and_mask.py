@@ -11,9 +11,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import weights
-from conftest import ROOT, random_weights, tiny_config
+from conftest import ROOT, random_weights, tiny_config, write_checkpoint
 from lminf_min import eval as lm_eval, reference
 from lminf_min.config import LambdaConfig, LlamaConfig
+from lminf_min.tokenizer import Tokenizer
 
 
 def reference_nll(w, config, tokens, lam):
@@ -96,3 +97,53 @@ def test_eval_stream_cli(sp_ckpt, tmp_path):
     result = json.loads(out.read_text())
     assert [(s["start"], s["end"]) for s in result["segments"]] == [(1, 101), (101, 201), (201, 300)]
     assert all(math.isfinite(s["ppl"]) and s["ppl"] > 1 for s in result["segments"])
+
+
+def test_passkey_prompt_has_exact_length_and_key_at_depth(sp_ckpt):
+    tok = Tokenizer(sp_ckpt)
+    key_ids = tok.encode(lm_eval.PASSKEY_KEY.format(key="12345"))
+    question = tok.encode(lm_eval.PASSKEY_QUESTION)
+    unit = len(tok.encode(lm_eval.PASSKEY_FILLER))
+    ats = []
+    for depth in (0.0, 0.3, 0.5, 1.0):
+        ids, at = lm_eval.passkey_prompt(tok, 400, depth, "12345")
+        assert len(ids) == 400 and ids[at:at + len(key_ids)] == key_ids and ids[-len(question):] == question
+        ats.append(at)
+    task = len(tok.encode(lm_eval.PASSKEY_TASK))
+    n_units = (400 - task - len(key_ids) - len(question)) // unit
+    assert ats[0] == task and ats == sorted(ats) and ats[-1] == task + n_units * unit  # first, ..., after the last whole unit
+    assert abs(ats[2] - (task + n_units * unit / 2)) <= unit
+    with pytest.raises(lm_eval.UserError, match="too short"):
+        lm_eval.passkey_prompt(tok, len(key_ids) + len(question), 0.5, "12345")
+
+
+def numpy_greedy(w, config, ids, lam, decoding_from, n, vocab):
+    """n greedy tokens (of the first `vocab`) after ids under the NumPy definition (top-k for positions >= decoding_from)."""
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(reference.forward(w, config, np.array(ids), lam, decoding_from=decoding_from)[-1, :vocab].argmax()))
+    return ids[-n:]
+
+
+def test_eval_passkey_cli_answers_as_the_numpy_definition(sp_ckpt, tmp_path):
+    """Each method's answer is the NumPy definition's greedy continuation of the same prompt, inside and past the window."""
+    cfg = tiny_config()
+    ckpt = write_checkpoint(tmp_path / "sharp", cfg, random_weights(cfg, scale=0.6))  # sharper attention: the methods disagree
+    (ckpt / "tokenizer.model").write_bytes((sp_ckpt / "tokenizer.model").read_bytes())
+    out = tmp_path / "p.json"
+    args = ["passkey", "--ckpt", ckpt, "--lengths", "300,600", "--samples", 2, "--depths", 2, "--n-global", 2, "--n-local", 310,
+            "--top-k-middle", 2, "--top-k-from-layer", 1, "--top-k-distance", 20, "--json", out]
+    r = subprocess.run([sys.executable, "-m", "lminf_min.eval", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 2 * 3 and "| 600 | LM-Infinite + top-2 | 0/2 | 0/1 | 0/1 |" in r.stdout
+    assert len({row["answer"] for row in rows[-3:]}) == 3  # past the window the three methods answer differently ...
+    tok, (config, tensors) = Tokenizer(ckpt), weights.load_checkpoint(ckpt)
+    w = {n: t.numpy().astype(np.float64) for n, t in tensors.items()}
+    n_question = len(tok.encode(lm_eval.PASSKEY_QUESTION))
+    methods = {"vanilla": None, "LM-Infinite": LambdaConfig(2, 310, 310), "LM-Infinite + top-2": LambdaConfig(2, 310, 310, 2, 1, 20)}
+    for row in rows[-3:] + rows[:1]:  # ... and each as its definition says; inside the window all are causal attention
+        ids, _ = lm_eval.passkey_prompt(tok, row["length"], row["depth"], row["key"])
+        lam = methods[row["method"]]
+        want = numpy_greedy(w, config, ids, lam, len(ids) - n_question if lam and lam.top_k else None, 8, tok.vocab_size)
+        assert row["answer"] == tok.decode(want), row

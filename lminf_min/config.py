@@ -57,9 +57,9 @@ class LlamaConfig:
             kwargs[f.name] = _checked(f.name, d[f.name], f.type)
         cfg = cls(**kwargs)
         if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise UserError(f"config.json: num_attention_heads={cfg.num_attention_heads} is not a multiple of num_key_value_heads={cfg.num_key_value_heads}")
+            raise UserError(f"config.json: num_attention_heads={cfg.num_attention_heads} is not a multiple of num_key_value_heads={cfg.num_key_value_heads}; fix config.json")
         if cfg.head_dim % 2:
-            raise UserError(f"config.json: head_dim={cfg.head_dim} must be even for RoPE")
+            raise UserError(f"config.json: head_dim={cfg.head_dim} must be even for RoPE; fix config.json")
         return cfg
 
 
@@ -84,7 +84,8 @@ class LambdaConfig:
         for name, least in (("n_global", 0), ("n_local", 1), ("d_max", 0), ("top_k", 0), ("top_k_from_layer", 0), ("top_k_distance", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise UserError(f"{name} is {value!r}; it must be an integer >= {least}")
+                flag = "--top-k-middle" if name == "top_k" else "--" + name.replace("_", "-")
+                raise UserError(f"{name} ({flag}) is {value!r}; it must be an integer >= {least}")
 
 
 def _checked(name, value, type_):

@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import weights as ckpts
-from generate import decode_one_token, peak_memory_mb, pick_device, prefill, read_prompt
+from generate import decode_one_token, load_model, peak_memory_mb, prefill, read_prompt
 from lminf_min import model
 from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
 from lminf_min.tokenizer import Tokenizer
@@ -102,9 +101,7 @@ def sampled_stream(docs, n_tokens, seed):
 def stream(ckpt, text, tokens, segment, n_global, n_local, d_max, seed, json_out, device, dtype):
     if tokens < 2 or segment < 1:
         raise UserError("--tokens must be at least 2 and --segment at least 1")
-    device = pick_device(device)
-    ckpt = Path(ckpt) if ckpt else ckpts.default_checkpoint()
-    cfg, w = ckpts.load_checkpoint(ckpt, device=device, dtype=getattr(torch, dtype))
+    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     lam, tok = LambdaConfig.for_model(cfg, n_global, n_local, d_max), Tokenizer(ckpt)
     docs = [tok.encode(read_prompt(t)) for t in text]
     nlls = stream_nll(w, cfg, (c.to(device) for c in sampled_stream(docs, tokens, seed)), lam)
@@ -131,9 +128,7 @@ def stream(ckpt, text, tokens, segment, n_global, n_local, d_max, seed, json_out
 def ppl(ckpt, text, max_tokens, vanilla, n_global, n_local, d_max, bucket, json_out, plot, device, dtype):
     if max_tokens < 2 or bucket < 1:
         raise UserError("--max-tokens must be at least 2 and --bucket at least 1")
-    device = pick_device(device)
-    ckpt = Path(ckpt) if ckpt else ckpts.default_checkpoint()
-    cfg, w = ckpts.load_checkpoint(ckpt, device=device, dtype=getattr(torch, dtype))
+    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     lam = None if vanilla else LambdaConfig.for_model(cfg, n_global, n_local, d_max)
     ids = Tokenizer(ckpt).encode(read_prompt(text))[:max_tokens]
     if len(ids) < 2:
@@ -196,9 +191,7 @@ def passkey(ckpt, lengths, samples, depths, top_k_middle, top_k_from_layer, top_
         raise UserError(f"--lengths {lengths!r}: give token counts separated by commas, e.g. 4096,8192") from None
     if samples < 1 or depths < 1 or top_k_middle < 1:
         raise UserError("--samples, --depths and --top-k-middle must be at least 1")
-    device = pick_device(device)
-    ckpt = Path(ckpt) if ckpt else ckpts.default_checkpoint()
-    cfg, w = ckpts.load_checkpoint(ckpt, device=device, dtype=getattr(torch, dtype))
+    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     tok, rng = Tokenizer(ckpt), torch.Generator().manual_seed(seed)
     lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
     top_k_name = f"LM-Infinite + top-{top_k_middle}"
@@ -256,7 +249,7 @@ def add_common_args(p):
     p.add_argument("--d-max", type=int, help="D: largest distance ever scored, >= L - 1 (default: L)")
     p.add_argument("--json", dest="json_out", help="write the result as JSON here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
 
 
 def main(argv=None):

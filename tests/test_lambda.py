@@ -57,6 +57,30 @@ def test_torch_path_matches_numpy_definition(c, dtype, block):
     assert np.abs(got - expected).max() <= tol, f"max abs diff {np.abs(got - expected).max():.3g} ({dtype}, {c})"
 
 
+LARGEST_LOGIT = {torch.float32: 1e30, torch.bfloat16: 1e30, torch.float16: 1e4}  # float16 itself ends at 65504
+
+
+@settings(max_examples=60, deadline=None)
+@given(c=lambda_cases(), dtype=st.sampled_from(list(LARGEST_LOGIT)), magnitude=st.floats(0, 1), outliers=st.integers(0, 2**16))
+def test_masked_keys_never_count_even_at_extreme_logits(c, dtype, magnitude, outliers):
+    """Logits up to 1e30 (1e4 in float16), some values ±1000: each output is finite and lies between the smallest and
+    largest value among the keys its query sees, so no masked key leaked in and no row was all -inf."""
+    H, T, D = c["H_kv"] * c["rep"], c["T"], c["D"]
+    scale = math.sqrt(LARGEST_LOGIT[dtype] ** magnitude / D)  # |q·k| / sqrt(D) reaches about LARGEST_LOGIT ** magnitude
+    q, k = rand((H, T, D), c["seed"], scale), rand((c["H_kv"], T, D), c["seed"] + 1, scale)
+    v = np.clip(rand((c["H_kv"], T, D), c["seed"] + 2), -1, 1)
+    v[:, np.random.default_rng(outliers).random(T) < 0.3] *= 1000
+    lam = LambdaConfig(c["G"], c["L"], c["d_max"])
+    got = torch_lambda(q, k, v, lam, dtype)  # (H, T, D)
+    assert np.isfinite(got).all()
+    visible = reference.lambda_mask(T, lam)  # (T, T)
+    vv = np.repeat(v, c["rep"], axis=0)[:, None, :, :]  # (H, 1, T, D)
+    low = np.where(visible[None, :, :, None], vv, np.inf).min(axis=2)  # (H, T, D)
+    high = np.where(visible[None, :, :, None], vv, -np.inf).max(axis=2)
+    slack = 0.01 * (high - low) + (1e-6 if dtype == torch.float32 else 0.02) * np.abs(vv).max()  # values round to the dtype
+    assert (got >= low - slack).all() and (got <= high + slack).all()
+
+
 @settings(max_examples=40, deadline=None)
 @given(c=lambda_cases(d_max_any=True))
 def test_short_sequences_are_plain_causal_attention(c):

@@ -26,10 +26,10 @@ def read_prompt(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompt file {path} not found; pass --prompt with the path of a text file")
-    free = available_memory()
-    if free is not None and path.stat().st_size > free / 4:  # its text and token ids take several times the file's size
-        raise UserError(f"prompt file {path} holds {path.stat().st_size / 2**30:.1f} GiB, too much for the "
-                        f"{free / 2**30:.1f} GiB of memory available; split it into smaller files")
+    free, need = available_memory(), 4 * path.stat().st_size  # its text and token ids take several times the file's size
+    if free is not None and need > free:
+        raise UserError(f"prompt file {path} needs about {need / 2**30:.1f} GiB of memory to read and tokenize, more than the "
+                        f"{free / 2**30:.1f} GiB available; split it into smaller files")
     data = path.read_bytes()
     if b"\0" in data:
         raise UserError(f"prompt file {path} looks binary (it contains NUL bytes); pass a text file")
@@ -43,11 +43,16 @@ def read_prompt(path):
 
 
 def available_memory():
-    """Bytes the system can still give (MemAvailable in /proc/meminfo); None where that is unknown."""
+    """Bytes this process can still get: MemAvailable, or less under a container's (cgroup v2) limit; None if unknown."""
     try:
-        return int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024
+        free = int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024
     except (OSError, IndexError, ValueError):
         return None
+    try:
+        limit, used = (Path("/sys/fs/cgroup", f).read_text().strip() for f in ("memory.max", "memory.current"))
+        return free if limit == "max" else min(free, int(limit) - int(used))
+    except (OSError, ValueError):
+        return free
 
 
 def load_model(ckpt, device, dtype):
@@ -56,7 +61,10 @@ def load_model(ckpt, device, dtype):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
-    if device == "cpu" and dtype == "bfloat16" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    has = lambda feature: getattr(torch.cpu, f"_is_{feature}_supported", lambda: True)()  # private to torch: assume yes if gone
+    if device == "cpu" and dtype == "float16" and not has("amx_fp16"):
+        print("warning: this CPU has no float16 arithmetic, torch emulates it (several times slower than float32)", file=sys.stderr)
+    if device == "cpu" and dtype == "bfloat16" and not (has("avx512_bf16") or has("amx_tile")):
         raise UserError("--dtype bfloat16: this CPU lacks bfloat16 instructions (AVX512-BF16 or AMX), so torch would emulate them slowly; use --dtype float32")
     ckpt = Path(ckpt) if ckpt else ckpts.default_checkpoint()
     cfg, weights = ckpts.load_checkpoint(ckpt, device=device, dtype=getattr(torch, dtype))
@@ -108,8 +116,8 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla
         print(f"warning: the prompt has {len(ids)} tokens, more than the {cfg.max_position_embeddings} this model was "
               "trained on; full attention degrades past that length (drop --vanilla for LM-Infinite)", file=sys.stderr)
     cache = model.new_cache(cfg, lam)
-    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * weights["model.norm.weight"].element_size()
-    grown = 2 * (len(ids) + max_new_tokens) * per_token  # keys and values; the buffers double when full
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * weights["model.norm.weight"].element_size()  # keys, values
+    grown = 2 * (len(ids) + max_new_tokens) * per_token  # the buffers double when full
     free = available_memory() if device == "cpu" else torch.cuda.mem_get_info()[0]
     if isinstance(cache, model.KVCache) and free is not None and grown > free:
         raise UserError(f"the prompt has {len(ids)} tokens: a full KV cache for them needs {grown / 2**30:.1f} GiB, more than the "

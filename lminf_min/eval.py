@@ -8,6 +8,7 @@
 """
 import argparse
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -25,6 +26,12 @@ from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
 from lminf_min.tokenizer import Tokenizer
 
 CHUNK = 2048  # tokens per forward call: bounds the (chunk, vocab) logits; keys before it come from the cache
+
+
+def writable(json_out):
+    """Fail now, not after hours of work, if the --json file could not be written."""
+    if json_out and not Path(json_out).resolve().parent.is_dir():
+        raise UserError(f"cannot write {json_out}: its folder does not exist; create it or pick another --json path")
 
 
 def stream_nll(weights, cfg, chunks, lam):
@@ -101,6 +108,7 @@ def sampled_stream(docs, n_tokens, seed):
 def stream(ckpt, text, tokens, segment, n_global, n_local, d_max, seed, json_out, device, dtype):
     if tokens < 2 or segment < 1:
         raise UserError("--tokens must be at least 2 and --segment at least 1")
+    writable(json_out)
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     lam, tok = LambdaConfig.for_model(cfg, n_global, n_local, d_max), Tokenizer(ckpt)
     docs = [tok.encode(read_prompt(t)) for t in text]
@@ -128,6 +136,7 @@ def stream(ckpt, text, tokens, segment, n_global, n_local, d_max, seed, json_out
 def ppl(ckpt, text, max_tokens, vanilla, n_global, n_local, d_max, bucket, json_out, plot, device, dtype):
     if max_tokens < 2 or bucket < 1:
         raise UserError("--max-tokens must be at least 2 and --bucket at least 1")
+    writable(json_out)
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     lam = None if vanilla else LambdaConfig.for_model(cfg, n_global, n_local, d_max)
     ids = Tokenizer(ckpt).encode(read_prompt(text))[:max_tokens]
@@ -154,6 +163,7 @@ PASSKEY_TASK = "A secret number is hidden somewhere in the long text below. Find
 PASSKEY_FILLER = " The river runs past the old mill. A cart rolls along the road to the market. Snow lies on the far hills."
 PASSKEY_KEY = " Here is the secret number: {key}. Remember {key}."
 PASSKEY_QUESTION = "\nWhat is the secret number hidden in the text above? The secret number is"
+ANSWER_TOKENS = 8
 
 
 def passkey_prompt(tok, length, depth, key):
@@ -170,15 +180,15 @@ def passkey_prompt(tok, length, depth, key):
     return task + filler[:at] + key_ids + filler[at:] + question, len(task) + at
 
 
-def greedy_answer(weights, cfg, cache, tail, lam, vocab, n_tokens=8):
-    """Feed `tail` one token at a time as in decoding (so top-k middle tokens see it), then n_tokens greedy tokens
+def greedy_answer(weights, cfg, cache, tail, lam, vocab):
+    """Feed `tail` one token at a time as in decoding (so top-k middle tokens see it), then ANSWER_TOKENS greedy tokens
     (of the tokenizer's `vocab`: padding rows of the embedding never win)."""
-    out = []
     for t in tail:
         logits = decode_one_token(weights, cfg, t, cache, lam)
-    for _ in range(n_tokens):
-        out.append(int(logits[:vocab].argmax()))
+    out = [int(logits[:vocab].argmax())]
+    while len(out) < ANSWER_TOKENS:
         logits = decode_one_token(weights, cfg, torch.tensor(out[-1:], device=tail.device), cache, lam)
+        out.append(int(logits[:vocab].argmax()))
     return out
 
 
@@ -186,13 +196,15 @@ def greedy_answer(weights, cfg, cache, tail, lam, vocab, n_tokens=8):
 def passkey(ckpt, lengths, samples, depths, top_k_middle, top_k_from_layer, top_k_distance, seed, json_out, device, dtype,
             n_global, n_local, d_max):
     try:
-        lengths = [int(n) for n in lengths.split(",")]
+        lengths = list(dict.fromkeys(int(n) for n in lengths.split(",")))
     except ValueError:
         raise UserError(f"--lengths {lengths!r}: give token counts separated by commas, e.g. 4096,8192") from None
     if samples < 1 or depths < 1 or top_k_middle < 1:
         raise UserError("--samples, --depths and --top-k-middle must be at least 1")
+    writable(json_out)
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     tok, rng = Tokenizer(ckpt), torch.Generator().manual_seed(seed)
+    vocab, n_question = tok.vocab_size, len(tok.encode(PASSKEY_QUESTION))
     lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
     top_k_name = f"LM-Infinite + top-{top_k_middle}"
     methods = {"vanilla": None, "LM-Infinite": lam,
@@ -205,19 +217,18 @@ def passkey(ckpt, lengths, samples, depths, top_k_middle, top_k_from_layer, top_
         depth, key = (s % depths + 0.5) / depths, str(int(torch.randint(10000, 100000, (1,), generator=rng)))
         ids, key_at = passkey_prompt(tok, length, depth, key)
         ids = torch.tensor(ids, device=device)
-        haystack, question = ids[:-len(tok.encode(PASSKEY_QUESTION))], ids[-len(tok.encode(PASSKEY_QUESTION)):]
-        cache = model.KVCache(cfg.num_hidden_layers)
-        if length <= lam.n_local:  # every token inside the window: the three are one computation (T <= L, tests/test_lambda.py)
-            prefill(w, cfg, haystack, cache)
-            answers = dict.fromkeys(methods, greedy_answer(w, cfg, cache, question, None, tok.vocab_size))
+        haystack, question = ids[:-n_question], ids[-n_question:]
+        cache = model.KVCache(cfg.num_hidden_layers)  # a full cache, so that top-k can reuse LM-Infinite's haystack
+        prefill(w, cfg, haystack, cache, lam)
+        if length + ANSWER_TOKENS <= lam.n_local:  # every query inside the window: the three are one computation (T <= L)
+            answers = dict.fromkeys(methods, greedy_answer(w, cfg, cache, question, None, vocab))
         else:
-            prefill(w, cfg, haystack, cache)
-            answers = {"vanilla": greedy_answer(w, cfg, cache, question, None, tok.vocab_size)}
-            cache = model.KVCache(cfg.num_hidden_layers)  # a full cache, so that top-k can reuse LM-Infinite's haystack
-            prefill(w, cfg, haystack, cache, lam)
             shared = copy.deepcopy(cache)
-            answers["LM-Infinite"] = greedy_answer(w, cfg, cache, question, lam, tok.vocab_size)
-            answers[top_k_name] = greedy_answer(w, cfg, shared, question, methods[top_k_name], tok.vocab_size)
+            answers = {"LM-Infinite": greedy_answer(w, cfg, cache, question, lam, vocab),
+                       top_k_name: greedy_answer(w, cfg, shared, question, methods[top_k_name], vocab)}
+            cache = model.KVCache(cfg.num_hidden_layers)
+            prefill(w, cfg, haystack, cache)
+            answers["vanilla"] = greedy_answer(w, cfg, cache, question, None, vocab)
         for name, out in answers.items():
             text = tok.decode(out)
             rows.append({"length": length, "depth": depth, "key_position": key_at, "key": key, "method": name, "answer": text,
@@ -228,7 +239,7 @@ def passkey(ckpt, lengths, samples, depths, top_k_middle, top_k_from_layer, top_
     print(summary)
     if json_out:
         Path(json_out).write_text(json.dumps({"rows": rows, "table": summary, "checkpoint": str(ckpt), "device": device, "dtype": dtype,
-                                              "window": lam.n_local, "samples": samples, "seed": seed}, indent=1) + "\n")
+                                              "settings": dataclasses.asdict(methods[top_k_name]), "samples": samples, "seed": seed}, indent=1) + "\n")
 
 
 def passkey_table(rows, lengths, depths, methods):

@@ -154,11 +154,12 @@ def test_bad_tokenizer(case, words, tiny_ckpt, tmp_path):
     assert_clean_error(run("generate.py", "--ckpt", tiny_ckpt, "--prompt", prompt), words, tmp_path)
 
 
+@pytest.mark.skipif(generate.available_memory() is None, reason="no /proc/meminfo: free memory unknown")
 def test_prompt_larger_than_memory(tiny_ckpt, tmp_path):
     prompt = tmp_path / "huge.txt"
     with open(prompt, "wb") as f:
         f.truncate(1 << 40)  # a sparse file of 1 TiB: its size is all that is read
-    assert_clean_error(run("generate.py", "--ckpt", tiny_ckpt, "--prompt", prompt), "too much for the", tmp_path)
+    assert_clean_error(run("generate.py", "--ckpt", tiny_ckpt, "--prompt", prompt), "needs about", tmp_path)
 
 
 OPTIONS = [(["--max-new-tokens", "-1"], "--max-new-tokens"), (["--temperature", "-0.5"], "--temperature"),

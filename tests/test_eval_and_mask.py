@@ -131,19 +131,34 @@ def test_eval_passkey_cli_answers_as_the_numpy_definition(sp_ckpt, tmp_path):
     ckpt = write_checkpoint(tmp_path / "sharp", cfg, random_weights(cfg, scale=0.6))  # sharper attention: the methods disagree
     (ckpt / "tokenizer.model").write_bytes((sp_ckpt / "tokenizer.model").read_bytes())
     out = tmp_path / "p.json"
-    args = ["passkey", "--ckpt", ckpt, "--lengths", "300,600", "--samples", 2, "--depths", 2, "--n-global", 2, "--n-local", 310,
+    args = ["passkey", "--ckpt", ckpt, "--lengths", "300,305,600", "--samples", 2, "--depths", 2, "--n-global", 2, "--n-local", 310,
             "--top-k-middle", 2, "--top-k-from-layer", 1, "--top-k-distance", 20, "--json", out]
     r = subprocess.run([sys.executable, "-m", "lminf_min.eval", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 2 * 2 * 3 and "| 600 | LM-Infinite + top-2 | 0/2 | 0/1 | 0/1 |" in r.stdout
+    assert len(rows) == 3 * 2 * 3 and "| 600 | LM-Infinite + top-2 | 0/2 | 0/1 | 0/1 |" in r.stdout
     assert len({row["answer"] for row in rows[-3:]}) == 3  # past the window the three methods answer differently ...
     tok, (config, tensors) = Tokenizer(ckpt), weights.load_checkpoint(ckpt)
     w = {n: t.numpy().astype(np.float64) for n, t in tensors.items()}
     n_question = len(tok.encode(lm_eval.PASSKEY_QUESTION))
     methods = {"vanilla": None, "LM-Infinite": LambdaConfig(2, 310, 310), "LM-Infinite + top-2": LambdaConfig(2, 310, 310, 2, 1, 20)}
-    for row in rows[-3:] + rows[:1]:  # ... and each as its definition says; inside the window all are causal attention
+    for row in rows[-3:] + rows[6:9] + rows[:1]:  # ... and each as its definition says: past the window, with only the answer
+        # past it (305 + 8 > 310), and inside it (where all three are causal attention)
         ids, _ = lm_eval.passkey_prompt(tok, row["length"], row["depth"], row["key"])
         lam = methods[row["method"]]
         want = numpy_greedy(w, config, ids, lam, len(ids) - n_question if lam and lam.top_k else None, 8, tok.vocab_size)
         assert row["answer"] == tok.decode(want), row
+
+
+def test_bench_generate_runs_ours_and_transformers(sp_ckpt, tmp_path):
+    """The side-by-side benchmark: our vanilla path chooses the same greedy tokens as transformers on the same prompt."""
+    pytest.importorskip("transformers")
+    text, out = tmp_path / "t.txt", tmp_path / "b.json"
+    text.write_text(" ".join(["the cat sat on a mat and ran to see the dog"] * 20))
+    args = ["generate", "--ckpt", sp_ckpt, "--text", text, "--prompt-tokens", 90, "--new-tokens", 6, "--json", out]
+    r = subprocess.run([sys.executable, "-m", "lminf_min.bench", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert [row["run"] for row in result["rows"]] == ["lminf_min, LM-Infinite", "lminf_min, vanilla", "transformers, SDPA"]
+    assert result["vanilla_equals_transformers"] and len(result["rows"][2]["tokens"]) == 6
+    assert "| transformers, SDPA |" in r.stdout and "| 1.00x |" in r.stdout  # the baseline row

@@ -47,14 +47,48 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=Fals
         raise UserError(f"d_max={lam.d_max} < n_local - 1 = {lam.n_local - 1} would cap distances inside the window; "
                         "the fast path does not do that: use lminf_min.reference.attention, or d_max >= n_local - 1")
     if lam is not None and int(q_pos[-1]) >= lam.n_local:
-        return lambda_attention(q, k, v, theta, lam, q_pos, k_pos, top_k)
+        return lambda_attention_top_k(q, k, v, theta, lam, q_pos, k_pos) if top_k else lambda_attention(q, k, v, theta, lam, q_pos, k_pos)
     T, S = q.shape[1], k.shape[1]
     mask = None if T == S else torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + (S - T)
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=T == S, enable_gqa=True)[0]  # (H, T, D)
 
 
-def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False):
-    """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory: blocks of BLOCK queries.
+def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos):
+    """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory: one SDPA call per BLOCK queries.
+
+    Each block's keys are the local band (the L most recent keys of each query, scored at their true
+    distance i - j <= L - 1 <= d_max, i.e. plain RoPE) and the starting tokens j < G (scored at
+    δ = min(i - j, d_max)), all in one softmax. The trick that lets one SDPA call score both: every
+    vector gets a second half. A query is [q_i, q_i rotated to distance d_max from position 0]; a band
+    key is [k_j, 0]; a starting token beyond d_max is [0, k_j rotated back to position 0], so its
+    product is the logit at exactly d_max; one between L and d_max enters as [k_j, 0] (true distance).
+    The mask says which key each query sees. Keys may come in any order (LambdaCache keeps a ring).
+    """
+    G, L, d_max = lam.n_global, lam.n_local, lam.d_max
+    (H, T, D), H_kv = q.shape, k.shape[0]
+    q2 = torch.cat([q, rope(q, rope_angles(d_max - q_pos, D, theta))], dim=-1)  # (H, T, 2D)
+    is_start = k_pos < G
+    k_start, v_start, jg = k[:, is_start], v[:, is_start], k_pos[is_start][None, :]  # (H_kv, g, D), (1, g)
+    k_start0, g = rope(k_start, rope_angles(-jg[0], D, theta)), jg.shape[1]  # the starting keys rotated to position 0
+    out = torch.empty_like(q)
+    for a in range(0, T, BLOCK):
+        B = min(BLOCK, T - a)
+        i = q_pos[a:a + B][:, None]  # (B, 1)
+        near = ((k_pos > i[0] - L) & (k_pos <= i[-1])).nonzero()[:, 0]  # keys inside the window of some query of the block
+        lo, hi = int(near[0]), int(near[-1]) + 1  # a slice holding them all: the band, for keys in order
+        W, j = hi - lo, k_pos[lo:hi][None, :]
+        keys, values = k.new_zeros(H_kv, W + 2 * g, 2 * D), v.new_zeros(H_kv, W + 2 * g, 2 * D)  # SDPA's fused kernels want equal dims
+        keys[:, :W, :D], keys[:, W:W + g, :D], keys[:, W + g:, D:] = k[:, lo:hi], k_start, k_start0
+        values[:, :W, :D], values[:, W:W + g, :D], values[:, W + g:, :D] = v[:, lo:hi], v_start, v_start
+        mask = torch.cat([(j <= i) & (i - j < L), (i - jg >= L) & (i - jg <= d_max), i - jg > d_max], dim=1)  # (B, W + 2g)
+        o = F.scaled_dot_product_attention(q2[None, :, a:a + B], keys[None], values[None], attn_mask=mask, scale=D ** -0.5, enable_gqa=True)
+        out[:, a:a + B] = o[0, :, :, :D]
+    return out
+
+
+def lambda_attention_top_k(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=True):
+    """Λ attention plus top-k middle keys for one decoding query (paper §4), with explicit scores; equal to
+    reference.attention with decoding_from. Without top_k, it is lambda_attention written out by hand.
 
     Keys may come in any order (LambdaCache keeps a ring buffer); queries come in ascending order.
     Each block scores two groups of keys in one softmax: the local band (the L most recent keys of each

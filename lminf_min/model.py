@@ -80,7 +80,8 @@ def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos):
         keys, values = k.new_zeros(H_kv, W + 2 * g, 2 * D), v.new_zeros(H_kv, W + 2 * g, 2 * D)  # SDPA's fused kernels want equal dims
         keys[:, :W, :D], keys[:, W:W + g, :D], keys[:, W + g:, D:] = k[:, lo:hi], k_start, k_start0
         values[:, :W, :D], values[:, W:W + g, :D], values[:, W + g:, :D] = v[:, lo:hi], v_start, v_start
-        mask = torch.cat([(j <= i) & (i - j < L), (i - jg >= L) & (i - jg <= d_max), i - jg > d_max], dim=1)  # (B, W + 2g)
+        d, dg = i - j, i - jg  # distances to the band and to the starting tokens
+        mask = torch.cat([(d >= 0) & (d < L), (dg >= L) & (dg <= d_max), dg > d_max], dim=1)  # (B, W + 2g)
         o = F.scaled_dot_product_attention(q2[None, :, a:a + B], keys[None], values[None], attn_mask=mask, scale=D ** -0.5, enable_gqa=True)
         out[:, a:a + B] = o[0, :, :, :D]
     return out

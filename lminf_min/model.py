@@ -262,13 +262,14 @@ def new_cache(cfg: LlamaConfig, lam: LambdaConfig | None = None):
 
 
 def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | LambdaCache | None = None,
-            lam: LambdaConfig | None = None, last_only=False, hidden_only=False, decoding=False):
+            lam: LambdaConfig | None = None, last_only=False, hidden_only=False, decoding=False, probe=None):
     """Logits (T, V) for token ids (T,), which follow the cache's positions if a cache is given.
 
     lam: Λ attention (LM-Infinite) instead of full causal attention (a LambdaCache needs it).
     last_only: logits of the last token only, (1, V), which is all generation needs (skips most of the LM head).
     hidden_only: the final normalised hidden states (T, C) instead; lm_head() turns any slice of them into logits.
     decoding: one generated token, which also sees the top-k middle keys if lam asks for them (paper §4).
+    probe: called as probe(layer, q, k) with this chunk's rotated queries and keys (how diagnose.py looks inside).
     """
     w = weights
     H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -290,6 +291,8 @@ def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | LambdaCache | No
         k = (h @ w[p + "self_attn.k_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)  # (H_kv, T, D)
         v = (h @ w[p + "self_attn.v_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)  # (H_kv, T, D)
         q, k = rope(q, angles), rope(k, angles)
+        if probe:
+            probe(layer, q, k)
         k, v, k_pos = cache.update(layer, k, v) if cache is not None else (k, v, q_pos)  # (H_kv, S, D), (S,)
         top_k = decoding and lam is not None and lam.top_k > 0 and layer >= lam.top_k_from_layer
         a = attention(q, k, v, cfg.rope_theta, lam, q_pos, k_pos, top_k).transpose(0, 1).reshape(T, H * D)  # (T, H*D)

@@ -65,7 +65,7 @@ class LlamaConfig:
 
 @dataclass(frozen=True)
 class LambdaConfig:
-    """LM-Infinite's knobs (DESIGN.md §1, paper §3.2 and §4). Vanilla attention is the absence of one (None)."""
+    """LM-Infinite's knobs (DESIGN.md §1, paper §4). Vanilla attention is the absence of one (None)."""
     n_global: int  # G: the first G tokens stay visible to every later token ("starting tokens")
     n_local: int   # L: each token sees the L most recent tokens, itself included
     d_max: int     # D: no pair is scored at a relative distance larger than this

@@ -37,12 +37,16 @@ def writable(json_out):
 def stream_nll(weights, cfg, chunks, lam):
     """For a stream given as token chunks, yield per chunk the NLL of its tokens (the very first has none).
 
-    One pass through the cache (bounded for LM-Infinite): memory does not grow with the stream.
+    One pass through the cache (bounded for LM-Infinite): memory does not grow with the stream. Every
+    logit is checked to be finite.
     """
-    cache, last = model.new_cache(cfg, lam), None  # last: log-probs after the previous chunk, for this chunk's first token
+    cache, last, seen = model.new_cache(cfg, lam), None, 0  # last: log-probs after the previous chunk, for this chunk's first token
     for chunk in chunks:
         hidden = model.forward(weights, cfg, chunk, cache, lam=lam, hidden_only=True)  # (T, C)
         logp = torch.log_softmax(model.lm_head(weights, cfg, hidden), dim=-1)  # (T, V) float32
+        if not torch.isfinite(logp).all():  # finite log-probabilities <=> finite logits: a finished run had no inf/NaN
+            raise UserError(f"inf or NaN logits in the chunk of {len(chunk)} tokens after token {seen}; try --dtype float32")
+        seen += len(chunk)
         nll = -logp[:-1].gather(1, chunk[1:, None])[:, 0]
         yield (nll if last is None else torch.cat([-last[chunk[:1]], nll])).double().cpu()
         last = logp[-1]

@@ -162,3 +162,11 @@ def test_bench_generate_runs_ours_and_transformers(sp_ckpt, tmp_path):
     assert [row["run"] for row in result["rows"]] == ["lminf_min, LM-Infinite", "lminf_min, vanilla", "transformers, SDPA"]
     assert result["vanilla_equals_transformers"] and len(result["rows"][2]["tokens"]) == 6
     assert "| transformers, SDPA |" in r.stdout and "| 1.00x |" in r.stdout  # the baseline row
+
+
+def test_non_finite_logits_stop_the_evaluation(tiny_ckpt):
+    """A checkpoint whose weights overflow gives a one-line error, not a perplexity of nan."""
+    config, w = weights.load_checkpoint(tiny_ckpt)
+    w["model.norm.weight"] = torch.full_like(w["model.norm.weight"], float("inf"))
+    with pytest.raises(lm_eval.UserError, match="inf or NaN logits"):
+        lm_eval.token_nll(w, config, torch.arange(20) % config.vocab_size, None, progress=False)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from generate import load_model, read_prompt
 from lminf_min import mask as lmask, model
 from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
-from lminf_min.eval import writable
+from lminf_min.eval import add_common_args, writable
 from lminf_min.tokenizer import Tokenizer
 
 ROWS = 48  # query positions sampled, evenly spread
@@ -157,16 +157,10 @@ def main(argv=None):
     for name, what in (("entropy", "attention entropy per layer against position, with the ln(G+L) bound"),
                        ("logits", "largest attention logit against relative distance (the logit explosion)")):
         p = sub.add_parser(name, help=what, formatter_class=HelpFormatter)
-        p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
+        add_common_args(p)
         p.add_argument("--text", required=True, help="UTF-8 text to read")
         p.add_argument("--tokens", type=int, default=12288, help="read the text's first N tokens (one pass each, no cache)")
-        p.add_argument("--n-global", type=int, default=10, help="G: starting tokens every token sees")
-        p.add_argument("--n-local", type=int, help="L: window of recent tokens (default: the model's training length)")
-        p.add_argument("--d-max", type=int, help="D: largest distance ever scored (default: L)")
         p.add_argument("--png", help="draw the plot into this PNG")
-        p.add_argument("--json", dest="json_out", help="write the numbers as JSON here")
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
     p = sub.add_parser("mask", help="the picture of a Λ mask", formatter_class=HelpFormatter)
     p.add_argument("--length", type=int, default=24, help="tokens")
     p.add_argument("--n-global", type=int, default=3, help="G")

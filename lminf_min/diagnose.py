@@ -27,7 +27,7 @@ def row_logits(q, k, i, theta, lam):
     """Logits (H, i+1) of the query at position i over keys 0..i as the attention scores them, -inf where masked.
 
     q: (H, D) rotated at i; k: (H_kv, i+1, D) rotated at their positions; lam None = vanilla, else d_max >= L - 1. Starting tokens
-    beyond d_max are scored at d_max by rotating the query back by the excess, as in model.lambda_attention_top_k.
+    beyond d_max are scored at d_max by rotating the query back by the excess (reference.py's way, not model.py's).
     """
     H, D = q.shape
     k = k.float().repeat_interleave(H // k.shape[0], dim=0)  # (H, i+1, D)

@@ -223,16 +223,18 @@ def passkey(ckpt, lengths, samples, depths, top_k_middle, top_k_from_layer, top_
         ids = torch.tensor(ids, device=device)
         haystack, question = ids[:-n_question], ids[-n_question:]
         cache = model.KVCache(cfg.num_hidden_layers)  # a full cache, so that top-k can reuse LM-Infinite's haystack
-        prefill(w, cfg, haystack, cache, lam)
+        prefill(w, cfg, haystack[:lam.n_local], cache)  # inside the first window Λ attention is causal attention: shared
         if length + ANSWER_TOKENS <= lam.n_local:  # every query inside the window: the three are one computation (T <= L)
             answers = dict.fromkeys(methods, greedy_answer(w, cfg, cache, question, None, vocab))
         else:
+            full = copy.deepcopy(cache)  # vanilla's, from here on
+            if len(haystack) > lam.n_local:
+                prefill(w, cfg, haystack[lam.n_local:], cache, lam)
+                prefill(w, cfg, haystack[lam.n_local:], full)
             shared = copy.deepcopy(cache)
             answers = {"LM-Infinite": greedy_answer(w, cfg, cache, question, lam, vocab),
-                       top_k_name: greedy_answer(w, cfg, shared, question, methods[top_k_name], vocab)}
-            cache = model.KVCache(cfg.num_hidden_layers)
-            prefill(w, cfg, haystack, cache)
-            answers["vanilla"] = greedy_answer(w, cfg, cache, question, None, vocab)
+                       top_k_name: greedy_answer(w, cfg, shared, question, methods[top_k_name], vocab),
+                       "vanilla": greedy_answer(w, cfg, full, question, None, vocab)}
         for name, out in answers.items():
             text = tok.decode(out)
             rows.append({"length": length, "depth": depth, "key_position": key_at, "key": key, "method": name, "answer": text,

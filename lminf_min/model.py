@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from .config import LambdaConfig, LlamaConfig, UserError
 
-BLOCK = 512  # queries per step of the Λ path: its scores are (H, BLOCK, G + BLOCK + L), never (H, T, T)
+BLOCK = 512  # queries per step of the Λ path: it reads (H, BLOCK, <= G + L + BLOCK) scores, never (H, T, T)
+FUSED_CPU = True  # attend() through torch's fused CPU kernel (False: the written-out path other devices take)
 
 
 def rms_norm(x, weight, eps):
@@ -47,85 +48,83 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=Fals
         raise UserError(f"d_max={lam.d_max} < n_local - 1 = {lam.n_local - 1} would cap distances inside the window; "
                         "the fast path does not do that: use lminf_min.reference.attention, or d_max >= n_local - 1")
     if lam is not None and int(q_pos[-1]) >= lam.n_local:
-        return lambda_attention_top_k(q, k, v, theta, lam, q_pos, k_pos) if top_k else lambda_attention(q, k, v, theta, lam, q_pos, k_pos)
+        return lambda_attention(q, k, v, theta, lam, q_pos, k_pos, top_k)
     T, S = q.shape[1], k.shape[1]
     mask = None if T == S else torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + (S - T)
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=T == S, enable_gqa=True)[0]  # (H, T, D)
 
 
-def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos):
-    """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory: one SDPA call per BLOCK queries.
+def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False):
+    """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory, BLOCK queries at a time.
 
-    Each block's keys are the local band (the L most recent keys of each query, scored at their true
-    distance i - j <= L - 1 <= d_max, i.e. plain RoPE) and the starting tokens j < G (scored at
-    δ = min(i - j, d_max)), all in one softmax. The trick that lets one SDPA call score both: every
-    vector gets a second half. A query is [q_i, q_i rotated to distance d_max from position 0]; a band
-    key is [k_j, 0]; a starting token beyond d_max is [0, k_j rotated back to position 0], so its
-    product is the logit at exactly d_max; one between L and d_max enters as [k_j, 0] (true distance).
-    The mask says which key each query sees. Keys may come in any order (LambdaCache keeps a ring).
+    A query's logits fall into groups that share one softmax: the local band (its L most recent keys, at
+    their true distance i - j <= L - 1 <= d_max, i.e. plain RoPE), the starting tokens j < G that have left
+    the window (i - j >= L), scored at δ = min(i - j, d_max), and with top_k (one decoding query) per head
+    the lam.top_k middle keys with the largest logits at lam.top_k_distance (paper §4). The band keys
+    that every query of the block sees go through a fused kernel with no mask, which also returns each
+    row's log-sum-exp; the few other logits (band edges, starting tokens, top-k) are computed here, and
+    the partial softmaxes are merged by their log-sum-exps: exactly one softmax over all groups.
+    Keys may come in any order (LambdaCache keeps a ring buffer); queries come in ascending order.
     """
     G, L, d_max = lam.n_global, lam.n_local, lam.d_max
     (H, T, D), H_kv = q.shape, k.shape[0]
-    q2 = torch.cat([q, rope(q, rope_angles(d_max - q_pos, D, theta))], dim=-1)  # (H, T, 2D)
+    n = H // H_kv  # query heads per key/value head
     is_start = k_pos < G
     k_start, v_start, jg = k[:, is_start], v[:, is_start], k_pos[is_start][None, :]  # (H_kv, g, D), (1, g)
-    k_start0, g = rope(k_start, rope_angles(-jg[0], D, theta)), jg.shape[1]  # the starting keys rotated to position 0
+    # q_i and k_j are rotated by i and j, so their product is the logit at i - j. Past d_max, the paper's
+    # trick: the query rotated to d_max and the key rotated back to 0 give the logit at exactly d_max.
+    q_far, k_start0 = rope(q, rope_angles(d_max - q_pos, D, theta)), rope(k_start, rope_angles(-jg[0], D, theta))
     out = torch.empty_like(q)
     for a in range(0, T, BLOCK):
         B = min(BLOCK, T - a)
         i = q_pos[a:a + B][:, None]  # (B, 1)
-        near = ((k_pos > i[0] - L) & (k_pos <= i[-1])).nonzero()[:, 0]  # keys inside the window of some query of the block
-        lo, hi = int(near[0]), int(near[-1]) + 1  # a slice holding them all: the band, for keys in order
-        W, j = hi - lo, k_pos[lo:hi][None, :]
-        keys, values = k.new_zeros(H_kv, W + 2 * g, 2 * D), v.new_zeros(H_kv, W + 2 * g, 2 * D)  # SDPA's fused kernels want equal dims
-        keys[:, :W, :D], keys[:, W:W + g, :D], keys[:, W + g:, D:] = k[:, lo:hi], k_start, k_start0
-        values[:, :W, :D], values[:, W:W + g, :D], values[:, W + g:, :D] = v[:, lo:hi], v_start, v_start
-        d, dg = i - j, i - jg  # distances to the band and to the starting tokens
-        mask = torch.cat([(d >= 0) & (d < L), (dg >= L) & (dg <= d_max), dg > d_max], dim=1)  # (B, W + 2g)
-        o = F.scaled_dot_product_attention(q2[None, :, a:a + B], keys[None], values[None], attn_mask=mask, scale=D ** -0.5, enable_gqa=True)
-        out[:, a:a + B] = o[0, :, :, :D]
-    return out
-
-
-def lambda_attention_top_k(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=True):
-    """Λ attention plus top-k middle keys for one decoding query (paper §4), with explicit scores; equal to
-    reference.attention with decoding_from. Without top_k, it is lambda_attention written out by hand.
-
-    Keys may come in any order (LambdaCache keeps a ring buffer); queries come in ascending order.
-    Each block scores two groups of keys in one softmax: the local band (the L most recent keys of each
-    query, at their true distance i - j <= L - 1 <= d_max, i.e. plain RoPE) and the starting tokens j < G
-    that have left the window (i - j >= L), scored at δ = min(i - j, d_max). With top_k (one query), a
-    third group: per head, the lam.top_k middle keys (G <= j, i - j >= L) with the largest logits at
-    distance lam.top_k_distance.
-    """
-    G, L = lam.n_global, lam.n_local
-    (H, T, D), H_kv = q.shape, k.shape[0]
-    is_start = k_pos < G
-    k_start, v_start, jg = k[:, is_start], v[:, is_start], k_pos[is_start][None, :]  # (H_kv, g, D), (1, g)
-    out = torch.empty_like(q)
-    for a in range(0, T, BLOCK):
-        B = min(BLOCK, T - a)
-        i = q_pos[a:a + B][:, None]  # (B, 1)
-        near = ((k_pos > i[0] - L) & (k_pos <= i[-1])).nonzero()[:, 0]  # keys inside the window of some query of the block
-        lo, hi = int(near[0]), int(near[-1]) + 1  # a slice (no copy) holding them all: the band, for keys in order
-        kb, vb, j = k[:, lo:hi], v[:, lo:hi], k_pos[lo:hi]
-        qb = q[:, a:a + B].reshape(H_kv, H // H_kv, B, D) / math.sqrt(D)  # heads grouped by their key/value head; scaled once
-        local = torch.einsum("knbd,kwd->knbw", qb, kb).float()  # (H_kv, H/H_kv, B, W)
-        local.masked_fill_(~((j[None, :] <= i) & (i - j[None, :] < L)), -math.inf)
-        # q_i and k_j are rotated by i and j, so their product is the logit at i - j; rotating q_i back
-        # by the excess (i - j) - δ gives the logit at δ = min(i - j, d_max).
-        excess = (i - jg - lam.d_max).clamp(min=0)  # (B, g)
-        q_at = rope(qb[:, :, :, None, :], rope_angles(-excess.flatten(), D, theta).view(B, -1, D // 2))  # (H_kv, H/H_kv, B, g, D)
-        start = torch.einsum("knbgd,kgd->knbg", q_at, k_start).float()  # (H_kv, H/H_kv, B, g)
-        start.masked_fill_(i - jg < L, -math.inf)  # inside the window they are counted in `local`
-        middle = top_k_middle(qb, k, v, theta, lam, int(i), k_pos) if top_k else None  # (logits, values)
-        groups = [start, local] + ([middle[0]] if top_k else [])
-        p = torch.softmax(torch.cat(groups, dim=-1), dim=-1).to(v.dtype).split([s.shape[-1] for s in groups], dim=-1)  # one softmax
-        o = torch.einsum("knbg,kgd->knbd", p[0], v_start) + torch.einsum("knbw,kwd->knbd", p[1], vb)
-        if top_k:
-            o = o + torch.einsum("knbc,kncd->knbd", p[2], middle[1])
+        grouped = lambda x: x.reshape(H_kv, n, B, D) / math.sqrt(D)  # heads grouped by their key/value head
+        qb, dg = grouped(q[:, a:a + B]), i - jg  # dg: distances to the starting tokens (B, g)
+        full = (k_pos > i[-1] - L) & (k_pos <= i[0])  # band keys every query of the block sees
+        edge = (k_pos > i[0] - L) & (k_pos <= i[-1]) & ~full  # band keys only some see: at most 2·BLOCK - 2
+        de = i - k_pos[edge]
+        edges = torch.einsum("knbd,kgd->knbg", qb, k[:, edge]).float().masked_fill_((de < 0) | (de >= L), -math.inf)
+        start = torch.where(dg > d_max, torch.einsum("knbd,kgd->knbg", grouped(q_far[:, a:a + B]), k_start0),
+                            torch.einsum("knbd,kgd->knbg", qb, k_start)).float()  # (H_kv, n, B, g)
+        start.masked_fill_(dg < L, -math.inf)  # inside the window they are band keys
+        groups = [(edges, v[:, edge][:, None]), (start, v_start[:, None])]  # (logits (H_kv, n, B, *), values)
+        groups += [top_k_middle(qb, k, v, theta, lam, int(i), k_pos)] if top_k else []
+        band, lse = (attend(q[:, a:a + B], keys_at(k, full), keys_at(v, full)) if full.any()
+                     else (q.new_zeros(H, B, D), q.new_full((H, B), -math.inf, dtype=torch.float32)))
+        band, band_lse = band.view(H_kv, n, B, D), lse.view(H_kv, n, B)
+        lse = band_lse
+        for logits, _ in groups:
+            lse = torch.logaddexp(lse, logits.logsumexp(-1))  # the log of the joint softmax's denominator
+        o = band * (band_lse - lse).exp()[..., None].to(q.dtype)
+        for logits, values in groups:
+            o = o + ((logits - lse[..., None]).exp().to(v.dtype) @ values)
         out[:, a:a + B] = o.reshape(H, B, D)
     return out
+
+
+def keys_at(x, where):
+    """x[:, where] for a boolean where over the keys: a view, not a copy, when the chosen keys are contiguous."""
+    idx = where.nonzero()[:, 0]
+    return x[:, int(idx[0]):int(idx[-1]) + 1] if int(idx[-1] - idx[0]) + 1 == len(idx) else x[:, idx]
+
+
+def attend(q, k, v):
+    """Softmax attention of q (H, T, D) over all of k, v (H_kv, S, D), and the log-sum-exp of each row's logits:
+    outputs (H, T, D), lse (H, T) in float32.
+
+    On CPU, torch's fused flash kernel returns the log-sum-exp it computes anyway; elsewhere it is written
+    out (tests/test_lambda.py checks that both agree). The query heads that share a key/value head are
+    stacked along the query axis, so no key is copied.
+    """
+    (H, T, D), H_kv = q.shape, k.shape[0]
+    q = q.reshape(H_kv, H // H_kv * T, D)
+    if FUSED_CPU and q.device.type == "cpu":
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], scale=D ** -0.5)
+    else:
+        s = (q @ k.transpose(1, 2)).float() / math.sqrt(D)  # (H_kv, H/H_kv*T, S)
+        lse = s.logsumexp(-1)
+        o = (s - lse[..., None]).exp().to(v.dtype) @ v
+    return o.reshape(H, T, D), lse.reshape(H, T)
 
 
 def top_k_middle(qb, k, v, theta, lam: LambdaConfig, i, k_pos):

@@ -45,13 +45,15 @@ def lambda_cases(draw, d_max_any=False):
 
 
 @settings(max_examples=60, deadline=None)
-@given(c=lambda_cases(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), block=st.sampled_from([1, 7, 512]))
-def test_torch_path_matches_numpy_definition(c, dtype, block):
+@given(c=lambda_cases(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), block=st.sampled_from([1, 7, 512]),
+       fused=st.booleans())
+def test_torch_path_matches_numpy_definition(c, dtype, block, fused):
+    """Both ways attend() computes the band (the fused CPU kernel, and the written-out path other devices take)."""
     H, T, D = c["H_kv"] * c["rep"], c["T"], c["D"]
     q, k, v = rand((H, T, D), c["seed"]), rand((c["H_kv"], T, D), c["seed"] + 1), rand((c["H_kv"], T, D), c["seed"] + 2)
     lam = LambdaConfig(c["G"], c["L"], c["d_max"])
     expected = reference.attention(q, reference.repeat_kv(k, c["rep"]), reference.repeat_kv(v, c["rep"]), THETA, lam)
-    with mock.patch.object(model, "BLOCK", block):  # several query blocks, a ragged last one
+    with mock.patch.object(model, "BLOCK", block), mock.patch.object(model, "FUSED_CPU", fused):  # a ragged last block
         got = torch_lambda(q, k, v, lam, dtype)
     tol = 1e-5 if dtype == torch.float32 else 0.05
     assert np.abs(got - expected).max() <= tol, f"max abs diff {np.abs(got - expected).max():.3g} ({dtype}, {c})"
@@ -61,8 +63,9 @@ LARGEST_LOGIT = {torch.float32: 1e30, torch.bfloat16: 1e30, torch.float16: 1e4} 
 
 
 @settings(max_examples=60, deadline=None)
-@given(c=lambda_cases(), dtype=st.sampled_from(list(LARGEST_LOGIT)), magnitude=st.floats(0, 1), outliers=st.integers(0, 2**16))
-def test_masked_keys_never_count_even_at_extreme_logits(c, dtype, magnitude, outliers):
+@given(c=lambda_cases(), dtype=st.sampled_from(list(LARGEST_LOGIT)), magnitude=st.floats(0, 1), outliers=st.integers(0, 2**16),
+       fused=st.booleans())
+def test_masked_keys_never_count_even_at_extreme_logits(c, dtype, magnitude, outliers, fused):
     """Logits up to 1e30 (1e4 in float16), some values ±1000: each output is finite and lies between the smallest and
     largest value among the keys its query sees, so no masked key leaked in and no row was all -inf."""
     H, T, D = c["H_kv"] * c["rep"], c["T"], c["D"]
@@ -71,7 +74,8 @@ def test_masked_keys_never_count_even_at_extreme_logits(c, dtype, magnitude, out
     v = np.clip(rand((c["H_kv"], T, D), c["seed"] + 2), -1, 1)
     v[:, np.random.default_rng(outliers).random(T) < 0.3] *= 1000
     lam = LambdaConfig(c["G"], c["L"], c["d_max"])
-    got = torch_lambda(q, k, v, lam, dtype)  # (H, T, D)
+    with mock.patch.object(model, "FUSED_CPU", fused):
+        got = torch_lambda(q, k, v, lam, dtype)  # (H, T, D)
     assert np.isfinite(got).all()
     visible = reference.lambda_mask(T, lam)  # (T, T)
     vv = np.repeat(v, c["rep"], axis=0)[:, None, :, :]  # (H, 1, T, D)
@@ -197,7 +201,7 @@ def attention_peak_kib(T):
 def test_lambda_attention_memory_is_linear():
     """Peak memory of the attention at 4T is at most about 4x that at T (measured as peak RSS growth of the call).
 
-    The output (H, T, D) grows linearly; the per-block scores (H, BLOCK, G + BLOCK + L) do not grow at all.
+    The output (H, T, D) grows linearly; what one block of queries reads (G + L + BLOCK keys) does not grow at all.
     A T x T score matrix would grow 16x (at 16384: 9 heads x 16384^2 x 4 bytes = 9.7 GB).
     """
     small, large = attention_peak_kib(4096), attention_peak_kib(16384)

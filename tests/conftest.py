@@ -86,3 +86,9 @@ def sp_ckpt(tiny_ckpt):
                                    character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
     (tiny_ckpt / "tokenizer.model").write_bytes(buf.getvalue())
     return tiny_ckpt
+
+
+def pytest_addoption(parser):
+    parser.addoption("--attempted", action="store_true",
+                     help="exercises still raising NotImplementedError fail instead of being skipped (docs/exercises.md)")
+    parser.addoption("--answers", default=None, help="check the exercises in this file instead of lminf_min/exercises.py")

@@ -5,7 +5,7 @@ import tokenize
 
 from conftest import ROOT
 
-INSTRUMENTS = ("eval", "diagnose", "bench")
+INSTRUMENTS = ("eval", "diagnose", "bench", "exercises")
 
 
 def code_lines(path):

@@ -1,6 +1,10 @@
 """Speed, measured side by side in one run (these machines are shared and noisy: only ratios mean much).
 
     python -m lminf_min.bench generate --text FILE --prompt-tokens 16384 --new-tokens 64   # generate.py vs transformers
+    python -m lminf_min.bench attention --lengths 4096,16384     # Λ attention vs SDPA causal, random inputs
+    python -m lminf_min.bench prefill --text FILE --lengths 8192,32768   # prompt tokens/s vs transformers
+    python -m lminf_min.bench decode --contexts 4096,32768       # ms/token after a long context vs transformers
+    python -m lminf_min.bench stream --tokens 100000             # tokens/s and memory of a long stream through the cache
 """
 import argparse
 import json
@@ -24,6 +28,130 @@ def clock():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def best_ms(fn, repeat=3):
+    """The fastest of `repeat` runs of fn(), in ms, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = clock()
+        fn()
+        times.append(1000 * (clock() - t0))
+    return min(times)
+
+
+def report(title, rows, json_out, **meta):
+    """Print rows (dicts) as a markdown table under a title naming device, dtype and date; write them as JSON."""
+    meta |= {"threads": torch.get_num_threads(), "date": str(date.today()), "cpu": platform.processor() or platform.machine()}
+    print(f"{title} ({', '.join(f'{k} {v}' for k, v in meta.items())})")
+    print("| " + " | ".join(rows[0]) + " |\n" + "|---" * len(rows[0]) + "|")
+    for r in rows:
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    if json_out:
+        Path(json_out).write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
+
+
+def hf_model(ckpt, device, dtype):
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        raise UserError("the comparison needs transformers: pip install -e '.[test]'") from None
+    return LlamaForCausalLM.from_pretrained(str(ckpt), dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device).eval()
+
+
+def lengths_arg(text):
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give token counts separated by commas, e.g. 4096,16384") from None
+
+
+@torch.inference_mode()
+def attention(lengths, heads, n_global, n_local, json_out, device, dtype):
+    """One layer's attention on random inputs: Λ attention (model.attention) against SDPA with a causal mask."""
+    writable(json_out)
+    device = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    H, H_kv, D = heads
+    lam, rows = LambdaConfig(n_global, n_local, n_local), []
+    for T in lengths:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(h, T, D, generator=g, device=device, dtype=getattr(torch, dtype)) for h in (H, H_kv, H_kv))
+        pos = torch.arange(T, device=device)
+        causal = best_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True))
+        lam_ms = best_ms(lambda: model.attention(q, k, v, 1e4, lam, pos, pos))  # as forward() calls it
+        rows.append({"tokens": T, "SDPA causal ms": causal, "Λ ms": lam_ms, "Λ / causal": lam_ms / causal})
+    report(f"attention, heads {H}/{H_kv} x {D}, G={n_global} L={n_local}", rows, json_out, device=device, dtype=dtype)
+
+
+@torch.inference_mode()
+def prefill_cmd(ckpt, text, lengths, json_out, device, dtype):
+    """Prompt tokens/s: generate.py's prefill (LM-Infinite, bounded cache) against one transformers forward pass."""
+    writable(json_out)
+    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
+    ids = Tokenizer(ckpt).encode(read_prompt(text))
+    if len(ids) < max(lengths):
+        raise UserError(f"{text} holds only {len(ids)} tokens; pass a longer text or smaller --lengths")
+    ids, hf, lam, rows = torch.tensor(ids, device=device), hf_model(ckpt, device, dtype), LambdaConfig.for_model(cfg), []
+    ours_ms = lambda T: best_ms(lambda: prefill(w, cfg, ids[:T], model.new_cache(cfg, lam), lam), repeat=1)
+    theirs_ms = lambda T: best_ms(lambda: hf(ids[None, :T], logits_to_keep=1), repeat=1)
+    for T in lengths:
+        a, b = ours_ms(T), theirs_ms(T)
+        rows.append({"tokens": T, "ours tokens/s": 1000 * T / a, "transformers tokens/s": 1000 * T / b, "speedup": b / a})
+    report("prefill, the default model" if ckpt is None else f"prefill, {Path(ckpt).name}", rows, json_out, device=device, dtype=dtype)
+
+
+def filled_cache(cfg, lam, context, device, dtype):
+    """Our cache as if `context` tokens had been read, with random keys and values (what they hold does not change the cost)."""
+    cache, H_kv, D = model.new_cache(cfg, lam), cfg.num_key_value_heads, cfg.head_dim
+    pos = torch.arange(context)
+    n = context if lam is None else cache.pos.shape[0]
+    if lam is not None:
+        keep = cache.kept(pos)
+        cache.pos[cache.slot(pos[keep])] = pos[keep]
+    for layer in range(cfg.num_hidden_layers):
+        cache.k[layer], cache.v[layer] = (torch.randn(H_kv, n, D, device=device, dtype=dtype) for _ in "kv")
+    cache.length = context
+    return cache
+
+
+@torch.inference_mode()
+def decode(ckpt, contexts, tokens, json_out, device, dtype):
+    """ms per generated token after `context` tokens: ours (LM-Infinite's bounded cache) against transformers (full cache)."""
+    from transformers import DynamicCache
+    writable(json_out)
+    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
+    hf, lam, rows, dt = hf_model(ckpt, device, dtype), LambdaConfig.for_model(cfg), [], getattr(torch, dtype)
+    token = torch.tensor([42], device=device)
+    for context in contexts:
+        cache = filled_cache(cfg, lam, context, device, dtype=dt)
+        ours_ms = best_ms(lambda: decode_one_token(w, cfg, token, cache, lam), repeat=tokens)
+        hf_cache = DynamicCache(config=hf.config)
+        for layer in range(cfg.num_hidden_layers):
+            hf_cache.update(*(torch.randn(1, cfg.num_key_value_heads, context, cfg.head_dim, device=device, dtype=dt) for _ in "kv"), layer)
+        theirs_ms = best_ms(lambda: hf(token[None], past_key_values=hf_cache, use_cache=True, logits_to_keep=1), repeat=tokens)
+        full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * dt.itemsize
+        rows.append({"context": context, "ours ms/token": ours_ms, "transformers ms/token": theirs_ms, "ours / transformers": ours_ms / theirs_ms,
+                     "ours KV MiB": cache.nbytes() / 2**20, "full KV MiB": full / 2**20})
+    report("decode, batch 1, the fastest of --tokens steps", rows, json_out, device=device, dtype=dtype)
+
+
+@torch.inference_mode()
+def stream(ckpt, tokens, chunk, json_out, device, dtype):
+    """Random tokens through LM-Infinite's bounded cache in chunks: tokens/s and peak memory per tenth of the stream."""
+    from generate import peak_memory_mb
+    writable(json_out)
+    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
+    lam, rows, g = LambdaConfig.for_model(cfg), [], torch.Generator().manual_seed(0)
+    cache, step = model.new_cache(cfg, lam), max(tokens // 10, chunk)
+    for start in range(0, tokens, step):
+        t0 = clock()
+        for a in range(start, min(start + step, tokens), chunk):
+            ids = torch.randint(0, cfg.vocab_size, (min(chunk, tokens - a),), generator=g).to(device)
+            model.forward(w, cfg, ids, cache, lam, last_only=True)
+        n = min(start + step, tokens) - start
+        rows.append({"tokens": f"{start}-{start + n}", "tokens/s": n / (clock() - t0), "peak MiB": round(peak_memory_mb(device))})
+    report(f"stream, G={lam.n_global} L={lam.n_local}, chunks of {chunk}", rows, json_out, device=device, dtype=dtype)
 
 
 def ours(weights, cfg, ids, new_tokens, lam):
@@ -96,8 +224,31 @@ def main(argv=None):
     p.add_argument("--json", dest="json_out", help="write the table as JSON here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
+    p = sub.add_parser("attention", help="one layer: Λ attention vs SDPA causal on random inputs", formatter_class=HelpFormatter)
+    p.add_argument("--lengths", type=lengths_arg, default=[4096, 16384], help="sequence lengths, comma-separated")
+    p.add_argument("--heads", type=lambda t: [int(n) for n in t.split(",")], default=[9, 3, 64],
+                   help="query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)")
+    p.add_argument("--n-global", type=int, default=10, help="G: starting tokens")
+    p.add_argument("--n-local", type=int, default=8192, help="L: the window, and d_max")
+    p = sub.add_parser("prefill", help="prompt tokens/s: generate.py's prefill vs transformers", formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
+    p.add_argument("--text", required=True, help="UTF-8 text whose first tokens are the prompts")
+    p.add_argument("--lengths", type=lengths_arg, default=[8192, 32768], help="prompt lengths, comma-separated")
+    p = sub.add_parser("decode", help="ms/token after a long context vs transformers (random cache contents)", formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
+    p.add_argument("--contexts", type=lengths_arg, default=[4096, 32768], help="context lengths, comma-separated")
+    p.add_argument("--tokens", type=int, default=8, help="decode steps timed per context (the fastest counts)")
+    p = sub.add_parser("stream", help="tokens/s and memory of a long random stream through the bounded cache", formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
+    p.add_argument("--tokens", type=int, default=100000, help="stream length")
+    p.add_argument("--chunk", type=int, default=1024, help="tokens per forward pass")
+    for name in ("attention", "prefill", "decode", "stream"):
+        p = sub.choices[name]
+        p.add_argument("--json", dest="json_out", help="write the table as JSON here")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
     args = vars(parser.parse_args(argv))
-    {"generate": generate}[args.pop("command")](**args)
+    {"generate": generate, "attention": attention, "prefill": prefill_cmd, "decode": decode, "stream": stream}[args.pop("command")](**args)
 
 
 if __name__ == "__main__":

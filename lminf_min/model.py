@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .config import LambdaConfig, LlamaConfig, UserError
 
-BLOCK = 512  # queries per step of the Λ path: it reads (H, BLOCK, <= G + L + BLOCK) scores, never (H, T, T)
+BLOCK = 512  # most queries per step of the Λ path: it reads (H, BLOCK, <= G + L + BLOCK) scores, never (H, T, T)
 FUSED_CPU = True  # attend() through torch's fused CPU kernel (False: the written-out path other devices take)
 
 
@@ -55,7 +55,7 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=Fals
 
 
 def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False):
-    """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory, BLOCK queries at a time.
+    """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory, a block of queries at a time.
 
     A query's logits fall into groups that share one softmax: the local band (its L most recent keys, at
     their true distance i - j <= L - 1 <= d_max, i.e. plain RoPE), the starting tokens j < G that have left
@@ -74,9 +74,9 @@ def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=Fals
     # q_i and k_j are rotated by i and j, so their product is the logit at i - j. Past d_max, the paper's
     # trick: the query rotated to d_max and the key rotated back to 0 give the logit at exactly d_max.
     q_far, k_start0 = rope(q, rope_angles(d_max - q_pos, D, theta)), rope(k_start, rope_angles(-jg[0], D, theta))
-    out = torch.empty_like(q)
-    for a in range(0, T, BLOCK):
-        B = min(BLOCK, T - a)
+    out, block = torch.empty_like(q), min(BLOCK, max(64, L // 32))  # edges grow with the block: keep it well below L
+    for a in range(0, T, block):
+        B = min(block, T - a)
         i = q_pos[a:a + B][:, None]  # (B, 1)
         grouped = lambda x: x.reshape(H_kv, n, B, D) / math.sqrt(D)  # heads grouped by their key/value head
         qb, dg = grouped(q[:, a:a + B]), i - jg  # dg: distances to the starting tokens (B, g)
@@ -89,9 +89,9 @@ def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=Fals
         start.masked_fill_(dg < L, -math.inf)  # inside the window they are band keys
         groups = [(edges, v[:, edge][:, None]), (start, v_start[:, None])]  # (logits (H_kv, n, B, *), values)
         groups += [top_k_middle(qb, k, v, theta, lam, int(i), k_pos)] if top_k else []
-        band, lse = (attend(q[:, a:a + B], keys_at(k, full), keys_at(v, full)) if full.any()
-                     else (q.new_zeros(H, B, D), q.new_full((H, B), -math.inf, dtype=torch.float32)))
-        band, band_lse = band.view(H_kv, n, B, D), lse.view(H_kv, n, B)
+        band, band_lse = (attend(q[:, a:a + B], keys_at(k, full), keys_at(v, full)) if full.any()
+                          else (q.new_zeros(H, B, D), q.new_full((H, B), -math.inf, dtype=torch.float32)))
+        band, band_lse = band.view(H_kv, n, B, D), band_lse.view(H_kv, n, B)
         lse = band_lse
         for logits, _ in groups:
             lse = torch.logaddexp(lse, logits.logsumexp(-1))  # the log of the joint softmax's denominator

@@ -168,11 +168,7 @@ def ours(weights, cfg, ids, new_tokens, lam):
 
 def transformers_generate(ckpt, ids, new_tokens, dtype):
     """Seconds for transformers' LlamaForCausalLM (SDPA attention, its own cache) to do the same, and its tokens."""
-    try:
-        from transformers import LlamaForCausalLM
-    except ImportError:
-        raise UserError("the comparison needs transformers: pip install -e '.[test]'") from None
-    hf = LlamaForCausalLM.from_pretrained(str(ckpt), dtype=dtype, attn_implementation="sdpa").to(ids.device).eval()
+    hf = hf_model(ckpt, ids.device, dtype)
     hf.generate(ids[None, :64], max_new_tokens=2, do_sample=False)  # warm-up, as ours() had
     t0 = clock()
     out = hf.generate(ids[None], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1)
@@ -194,7 +190,7 @@ def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
     for name, lam in (("lminf_min, LM-Infinite", LambdaConfig.for_model(cfg)), ("lminf_min, vanilla", None)):
         pre, dec, toks = ours(w, cfg, ids, new_tokens, lam)
         rows.append({"run": name, "seconds": pre + dec, "prefill_s": pre, "decode_ms_per_token": 1000 * dec / new_tokens, "tokens": toks})
-    seconds, toks = transformers_generate(ckpt, ids, new_tokens, getattr(torch, dtype))
+    seconds, toks = transformers_generate(ckpt, ids, new_tokens, dtype)
     rows.append({"run": "transformers, SDPA", "seconds": seconds, "prefill_s": None, "decode_ms_per_token": None, "tokens": toks})
     base = rows[-1]["seconds"]
     print(f"{len(ids)}-token prompt + {new_tokens} greedy tokens, {device} ({platform.processor() or platform.machine()}, "

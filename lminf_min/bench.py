@@ -30,9 +30,10 @@ def clock():
     return time.perf_counter()
 
 
-def best_ms(fn, repeat=3):
+def best_ms(fn, repeat=3, warm_up=True):
     """The fastest of `repeat` runs of fn(), in ms, after one warm-up run."""
-    fn()
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeat):
         t0 = clock()
@@ -93,12 +94,23 @@ def prefill_cmd(ckpt, text, lengths, json_out, device, dtype):
     if len(ids) < max(lengths):
         raise UserError(f"{text} holds only {len(ids)} tokens; pass a longer text or smaller --lengths")
     ids, hf, lam, rows = torch.tensor(ids, device=device), hf_model(ckpt, device, dtype), LambdaConfig.for_model(cfg), []
-    ours_ms = lambda T: best_ms(lambda: prefill(w, cfg, ids[:T], model.new_cache(cfg, lam), lam), repeat=1)
-    theirs_ms = lambda T: best_ms(lambda: hf(ids[None, :T], logits_to_keep=1), repeat=1)
+    ours = lambda T: prefill(w, cfg, ids[:T], model.new_cache(cfg, lam), lam)
+    theirs = lambda T: hf(ids[None, :T], logits_to_keep=1)
+    ours(2048), theirs(2048)  # warm-up: first calls pay for allocations and kernel choice
     for T in lengths:
-        a, b = ours_ms(T), theirs_ms(T)
-        rows.append({"tokens": T, "ours tokens/s": 1000 * T / a, "transformers tokens/s": 1000 * T / b, "speedup": b / a})
+        a, b = (best_ms(lambda: f(T), repeat=1, warm_up=False) for f in (ours, theirs))
+        rows.append({"tokens": T, "ours tokens/s": 1000 * T / a, "transformers tokens/s": 1000 * T / b, "speedup": b / a,
+                     "FLOPs theirs / ours": prefill_flops(cfg, T, None) / prefill_flops(cfg, T, lam)})
     report("prefill, the default model" if ckpt is None else f"prefill, {Path(ckpt).name}", rows, json_out, device=device, dtype=dtype)
+
+
+def prefill_flops(cfg, T, lam):
+    """Multiply-add FLOPs of a T-token prompt: 2 per weight of the layers per token, and 4·H·D per layer for each
+    (query, key) pair attended (scores and values). Their ratio bounds the speedup of kernels equally fast."""
+    C, H, H_kv, D, F = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    i = torch.arange(T, dtype=torch.float64)
+    keys = i + 1 if lam is None else (i + 1).clamp(max=lam.n_local) + (i - lam.n_local + 1).clamp(0, lam.n_global)  # DESIGN.md §1
+    return cfg.num_hidden_layers * (2 * T * (2 * C * H * D + 2 * C * H_kv * D + 3 * C * F) + 4 * H * D * float(keys.sum()))
 
 
 def filled_cache(cfg, lam, context, device, dtype):

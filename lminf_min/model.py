@@ -50,8 +50,13 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=Fals
     if lam is not None and int(q_pos[-1]) >= lam.n_local:
         return lambda_attention(q, k, v, theta, lam, q_pos, k_pos, top_k)
     T, S = q.shape[1], k.shape[1]
-    mask = None if T == S else torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + (S - T)
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=T == S, enable_gqa=True)[0]  # (H, T, D)
+    if T == S or T == 1:  # the whole sequence (causal), or one new token (it sees every key)
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=T == S, enable_gqa=True)[0]  # (H, T, D)
+    # A chunk after S - T cached keys: every query sees all of those (no mask), and its own keys causally;
+    # two softmaxes merged by their log-sum-exps, cheaper than one call with a (T, S) mask.
+    (cached, lse_c), (own, lse_o) = attend(q, k[:, :S - T], v[:, :S - T]), attend(q, k[:, S - T:], v[:, S - T:], causal=True)
+    lse = torch.logaddexp(lse_c, lse_o)
+    return (cached * (lse_c - lse).exp()[..., None] + own * (lse_o - lse).exp()[..., None]).to(q.dtype)
 
 
 def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False):
@@ -108,20 +113,25 @@ def keys_at(x, where):
     return x[:, int(idx[0]):int(idx[-1]) + 1] if int(idx[-1] - idx[0]) + 1 == len(idx) else x[:, idx]
 
 
-def attend(q, k, v):
+def attend(q, k, v, causal=False):
     """Softmax attention of q (H, T, D) over all of k, v (H_kv, S, D), and the log-sum-exp of each row's logits:
-    outputs (H, T, D), lse (H, T) in float32.
+    outputs (H, T, D), lse (H, T) in float32. causal (S == T): query t sees keys 0..t only.
 
     On CPU, torch's fused flash kernel returns the log-sum-exp it computes anyway; elsewhere it is written
-    out (tests/test_lambda.py checks that both agree). The query heads that share a key/value head are
-    stacked along the query axis, so no key is copied.
+    out (tests/test_lambda.py checks that both agree). Without causal, the query heads that share a
+    key/value head are stacked along the query axis, so no key is copied.
     """
     (H, T, D), H_kv = q.shape, k.shape[0]
+    fused = FUSED_CPU and q.device.type == "cpu"
+    if causal and fused:  # stacking would break the causal order: copy the (few) keys per query head instead
+        k, v, H_kv = k.repeat_interleave(H // H_kv, 0), v.repeat_interleave(H // H_kv, 0), H
     q = q.reshape(H_kv, H // H_kv * T, D)
-    if FUSED_CPU and q.device.type == "cpu":
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], scale=D ** -0.5)
+    if fused:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], is_causal=causal, scale=D ** -0.5)
     else:
         s = (q @ k.transpose(1, 2)).float() / math.sqrt(D)  # (H_kv, H/H_kv*T, S)
+        if causal:  # row r is query r % T
+            s.masked_fill_(torch.arange(T, device=q.device) > (torch.arange(s.shape[1], device=q.device) % T)[:, None], -math.inf)
         lse = s.logsumexp(-1)
         o = (s - lse[..., None]).exp().to(v.dtype) @ v
     return o.reshape(H, T, D), lse.reshape(H, T)

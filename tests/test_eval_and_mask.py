@@ -164,6 +164,41 @@ def test_bench_generate_runs_ours_and_transformers(sp_ckpt, tmp_path):
     assert "| transformers, SDPA |" in r.stdout and "| 1.00x |" in r.stdout  # the baseline row
 
 
+@pytest.mark.parametrize("T, lam", [(5, LambdaConfig(3, 8, 8)), (50, LambdaConfig(3, 8, 8)), (50, LambdaConfig(0, 50, 50))])
+def test_prefill_flops_count_weights_and_the_pairs_the_mask_allows(T, lam):
+    """bench's FLOP bound: 2 per layer weight per token, plus 4·H·D per (query, key) pair of reference.lambda_mask."""
+    from lminf_min import bench
+    cfg = tiny_config()
+    config, w = LlamaConfig.from_dict(cfg), random_weights(cfg)
+    layer_weights = sum(t.size for n, t in w.items() if ".layers." in n and t.ndim == 2)
+    per_pair = 4 * config.num_attention_heads * config.head_dim * config.num_hidden_layers
+    assert bench.prefill_flops(config, T, lam) == 2 * T * layer_weights + per_pair * reference.lambda_mask(T, lam).sum()
+    assert bench.prefill_flops(config, T, None) == 2 * T * layer_weights + per_pair * T * (T + 1) // 2
+
+
+def test_bench_subcommands_print_tables_and_write_json(sp_ckpt, tmp_path):
+    """attention, prefill, decode and stream run on a tiny checkpoint: a table on stdout, rows in the JSON, and
+    the bounded cache's size the same at every context past the window while the full one grows."""
+    pytest.importorskip("transformers")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["the cat sat on a mat and ran to see the dog"] * 30))
+    runs = {"attention": ["--lengths", "64,160", "--heads", "4,2,8", "--n-local", "32"],
+            "prefill": ["--ckpt", sp_ckpt, "--text", text, "--lengths", "40,150"],
+            "decode": ["--ckpt", sp_ckpt, "--contexts", "100,300", "--tokens", "2"],
+            "stream": ["--ckpt", sp_ckpt, "--tokens", "200", "--chunk", "16"]}
+    rows = {}
+    for name, args in runs.items():
+        r = subprocess.run([sys.executable, "-m", "lminf_min.bench", name, *map(str, args), "--json", tmp_path / f"{name}.json"],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        rows[name] = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+        assert r.stdout.count("\n| ") == len(rows[name]) + 1 and "threads" in r.stdout  # header + one line per row
+    assert [row["tokens"] for row in rows["prefill"]] == [40, 150] and len(rows["stream"]) == 10
+    assert rows["prefill"][0]["FLOPs theirs / ours"] == 1.0 < rows["prefill"][1]["FLOPs theirs / ours"]  # L = 64
+    assert rows["decode"][0]["ours KV MiB"] == rows["decode"][1]["ours KV MiB"] < rows["decode"][1]["full KV MiB"]
+    assert all(row["tokens/s"] > 0 for row in rows["stream"]) and all(row["Λ ms"] > 0 for row in rows["attention"])
+
+
 def test_non_finite_logits_stop_the_evaluation(tiny_ckpt):
     """A checkpoint whose weights overflow gives a one-line error, not a perplexity of nan."""
     config, w = weights.load_checkpoint(tiny_ckpt)

@@ -152,6 +152,24 @@ def test_rope_preserves_norms_and_depends_only_on_distance(D, m_, n_, shift, see
     assert np.isclose((rot(q, m_) * rot(k, n_)).sum(), (rot(q, m_ - n_) * k).sum(), atol=1e-6)
 
 
+@settings(max_examples=60, deadline=None)
+@given(S=st.integers(1, 70), T=st.integers(1, 70), H_kv=st.integers(1, 3), rep=st.integers(1, 3), D=st.sampled_from([2, 8, 16]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), fused=st.booleans(), seed=st.integers(0, 2**16))
+def test_a_chunk_after_cached_keys_is_the_last_rows_of_causal_attention(S, T, H_kv, rep, D, dtype, fused, seed):
+    """Full attention (no lam) of the chunk's T queries at positions S-T..S-1 over all S keys (chunked prefill, decoding)
+    equals the last T rows of the NumPy causal definition: cached keys unmasked, the chunk's own keys causal."""
+    T = min(T, S)
+    q, k, v = rand((H_kv * rep, S, D), seed), rand((H_kv, S, D), seed + 1), rand((H_kv, S, D), seed + 2)
+    expected = reference.attention(q, reference.repeat_kv(k, rep), reference.repeat_kv(v, rep), THETA)[:, S - T:]
+    angles = model.rope_angles(torch.arange(S), D, THETA)
+    qt, kt, vt = (torch.tensor(x, dtype=dtype) for x in (q, k, v))
+    qt, kt = model.rope(qt, angles)[:, S - T:], model.rope(kt, angles)
+    with mock.patch.object(model, "FUSED_CPU", fused):
+        got = model.attention(qt, kt, vt, THETA, None, torch.arange(S - T, S), torch.arange(S)).double().numpy()
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    assert np.abs(got - expected).max() <= tol, f"max abs diff {np.abs(got - expected).max():.3g}"
+
+
 def test_torch_path_refuses_small_d_max():
     q = torch.zeros(1, 4, 4)
     with pytest.raises(UserError, match="reference"):

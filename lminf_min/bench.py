@@ -81,7 +81,8 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype):
         pos = torch.arange(T, device=device)
         causal = best_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True))
         lam_ms = best_ms(lambda: model.attention(q, k, v, 1e4, lam, pos, pos))  # as forward() calls it
-        rows.append({"tokens": T, "SDPA causal ms": causal, "Λ ms": lam_ms, "Λ / causal": lam_ms / causal})
+        rows.append({"tokens": T, "SDPA causal ms": causal, "Λ ms": lam_ms, "Λ / causal": lam_ms / causal,
+                     "FLOPs Λ / causal": pairs(T, lam) / pairs(T, None)})
     report(f"attention, heads {H}/{H_kv} x {D}, G={n_global} L={n_local}", rows, json_out, device=device, dtype=dtype)
 
 
@@ -104,13 +105,17 @@ def prefill_cmd(ckpt, text, lengths, json_out, device, dtype):
     report("prefill, the default model" if ckpt is None else f"prefill, {Path(ckpt).name}", rows, json_out, device=device, dtype=dtype)
 
 
+def pairs(T, lam):
+    """(query, key) pairs a T-token sequence attends: causal attention, or the Λ mask (DESIGN.md §1)."""
+    i = torch.arange(T, dtype=torch.float64)
+    return float((i + 1 if lam is None else (i + 1).clamp(max=lam.n_local) + (i - lam.n_local + 1).clamp(0, lam.n_global)).sum())
+
+
 def prefill_flops(cfg, T, lam):
     """Multiply-add FLOPs of a T-token prompt: 2 per weight of the layers per token, and 4·H·D per layer for each
     (query, key) pair attended (scores and values). Their ratio bounds the speedup of kernels equally fast."""
     C, H, H_kv, D, F = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
-    i = torch.arange(T, dtype=torch.float64)
-    keys = i + 1 if lam is None else (i + 1).clamp(max=lam.n_local) + (i - lam.n_local + 1).clamp(0, lam.n_global)  # DESIGN.md §1
-    return cfg.num_hidden_layers * (2 * T * (2 * C * H * D + 2 * C * H_kv * D + 3 * C * F) + 4 * H * D * float(keys.sum()))
+    return cfg.num_hidden_layers * (2 * T * (2 * C * H * D + 2 * C * H_kv * D + 3 * C * F) + 4 * H * D * pairs(T, lam))
 
 
 def filled_cache(cfg, lam, context, device, dtype):

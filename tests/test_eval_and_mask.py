@@ -197,6 +197,8 @@ def test_bench_subcommands_print_tables_and_write_json(sp_ckpt, tmp_path):
     assert rows["prefill"][0]["FLOPs theirs / ours"] == 1.0 < rows["prefill"][1]["FLOPs theirs / ours"]  # L = 64
     assert rows["decode"][0]["ours KV MiB"] == rows["decode"][1]["ours KV MiB"] < rows["decode"][1]["full KV MiB"]
     assert all(row["tokens/s"] > 0 for row in rows["stream"]) and all(row["Λ ms"] > 0 for row in rows["attention"])
+    assert [row["FLOPs Λ / causal"] for row in rows["attention"]] == [  # G=10, L=32: Λ mask cells / causal cells
+        reference.lambda_mask(T, LambdaConfig(10, 32, 32)).sum() / (T * (T + 1) / 2) for T in (64, 160)]
 
 
 def test_non_finite_logits_stop_the_evaluation(tiny_ckpt):

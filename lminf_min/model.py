@@ -48,7 +48,14 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=Fals
         raise UserError(f"d_max={lam.d_max} < n_local - 1 = {lam.n_local - 1} would cap distances inside the window; "
                         "the fast path does not do that: use lminf_min.reference.attention, or d_max >= n_local - 1")
     if lam is not None and int(q_pos[-1]) >= lam.n_local:
-        return lambda_attention(q, k, v, theta, lam, q_pos, k_pos, top_k)
+        m = int((q_pos < lam.n_local).sum())  # queries still inside the first window
+        out = lambda_attention(q[:, m:], k, v, theta, lam, q_pos[m:], k_pos, top_k)
+        if m == 0:
+            return out
+        # Those m do plain causal attention over positions 0..S-1: no cache has wrapped yet, so these keys
+        # come first and in order.
+        S = int(q_pos[m - 1]) + 1
+        return torch.cat([attention(q[:, :m], k[:, :S], v[:, :S], theta, None, q_pos[:m], k_pos[:S]), out], dim=1)
     T, S = q.shape[1], k.shape[1]
     if T == S or T == 1:  # the whole sequence (causal), or one new token (it sees every key)
         return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=T == S, enable_gqa=True)[0]  # (H, T, D)

@@ -69,7 +69,7 @@ def lengths_arg(text):
 
 
 @torch.inference_mode()
-def attention(lengths, heads, n_global, n_local, json_out, device, dtype):
+def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profile):
     """One layer's attention on random inputs: Λ attention (model.attention) against SDPA with a causal mask."""
     writable(json_out)
     device = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
@@ -84,6 +84,10 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype):
         rows.append({"tokens": T, "SDPA causal ms": causal, "Λ ms": lam_ms, "Λ / causal": lam_ms / causal,
                      "FLOPs Λ / causal": pairs(T, lam) / pairs(T, None)})
     report(f"attention, heads {H}/{H_kv} x {D}, G={n_global} L={n_local}", rows, json_out, device=device, dtype=dtype)
+    if profile:  # where one Λ call at the last length spends its time
+        with torch.profiler.profile() as prof:
+            model.attention(q, k, v, 1e4, lam, pos, pos)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
 @torch.inference_mode()
@@ -243,6 +247,7 @@ def main(argv=None):
                    help="query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)")
     p.add_argument("--n-global", type=int, default=10, help="G: starting tokens")
     p.add_argument("--n-local", type=int, default=8192, help="L: the window, and d_max")
+    p.add_argument("--profile", action="store_true", help="then print torch.profiler's table for one Λ call at the last length")
     p = sub.add_parser("prefill", help="prompt tokens/s: generate.py's prefill vs transformers", formatter_class=HelpFormatter)
     p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
     p.add_argument("--text", required=True, help="UTF-8 text whose first tokens are the prompts")

@@ -182,7 +182,7 @@ def test_bench_subcommands_print_tables_and_write_json(sp_ckpt, tmp_path):
     pytest.importorskip("transformers")
     text = tmp_path / "t.txt"
     text.write_text(" ".join(["the cat sat on a mat and ran to see the dog"] * 30))
-    runs = {"attention": ["--lengths", "64,160", "--heads", "4,2,8", "--n-local", "32"],
+    runs = {"attention": ["--lengths", "64,160", "--heads", "4,2,8", "--n-local", "32", "--profile"],
             "prefill": ["--ckpt", sp_ckpt, "--text", text, "--lengths", "40,150"],
             "decode": ["--ckpt", sp_ckpt, "--contexts", "100,300", "--tokens", "2"],
             "stream": ["--ckpt", sp_ckpt, "--tokens", "200", "--chunk", "16"]}
@@ -193,6 +193,7 @@ def test_bench_subcommands_print_tables_and_write_json(sp_ckpt, tmp_path):
         assert r.returncode == 0, r.stderr
         rows[name] = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
         assert r.stdout.count("\n| ") == len(rows[name]) + 1 and "threads" in r.stdout  # header + one line per row
+        assert ("Self CPU time total" in r.stdout) == (name == "attention")  # --profile's table
     assert [row["tokens"] for row in rows["prefill"]] == [40, 150] and len(rows["stream"]) == 10
     assert rows["prefill"][0]["FLOPs theirs / ours"] == 1.0 < rows["prefill"][1]["FLOPs theirs / ours"]  # L = 64
     assert rows["decode"][0]["ours KV MiB"] == rows["decode"][1]["ours KV MiB"] < rows["decode"][1]["full KV MiB"]

@@ -18,7 +18,7 @@ from lminf_min import model
 from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
 from lminf_min.tokenizer import Tokenizer
 
-PREFILL_CHUNK = 1024  # prompt tokens per forward call: bounds the (chunk, vocab) logits and the attention mask
+PREFILL_CHUNK = 1024  # prompt tokens per forward call: bounds activations and, off CPU, the (chunk, keys) attention mask
 
 
 def read_prompt(path):

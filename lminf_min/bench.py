@@ -31,7 +31,7 @@ def clock():
 
 
 def best_ms(fn, repeat=3, warm_up=True):
-    """The fastest of `repeat` runs of fn(), in ms, after one warm-up run."""
+    """The fastest of `repeat` runs of fn(), in ms, after one warm-up run unless warm_up is False."""
     if warm_up:
         fn()
     times = []

@@ -37,11 +37,12 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=Fals
     """Attention of T queries over S keys. q: (H, T, D), k, v: (H_kv, S, D), rotated at their positions;
     q_pos (T,) and k_pos (S,) are those positions (absolute, int64).
 
-    Without lam: causal attention through SDPA over keys that are positions 0..S-1 in order (as every
+    Without lam: causal attention through SDPA over keys that must be positions 0..S-1 in order (as every
     cache here returns them while no query is past the first window), whose
     enable_gqa shares each key/value head among H/H_kv query heads without copying (the batch axis of 1
     matters: with 4-D inputs torch picks its fused flash kernel on CPU, 3x faster). With lam: Λ attention,
-    which is exactly causal attention while every query is inside the first window (tests/test_lambda.py).
+    which is exactly causal attention for the queries inside the first window (tests/test_lambda.py);
+    the others may see keys in any order (LambdaCache's ring).
     top_k: one decoding query that also sees the lam.top_k middle keys with the largest logits (paper §4).
     """
     if lam is not None and lam.d_max < lam.n_local - 1:
@@ -55,15 +56,22 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=Fals
         # Those m do plain causal attention over positions 0..S-1: no cache has wrapped yet, so these keys
         # come first and in order.
         S = int(q_pos[m - 1]) + 1
+        if not torch.equal(k_pos[:S], torch.arange(S, device=k_pos.device)):
+            raise ValueError("queries inside the first window need keys 0..S-1 first and in order")
         return torch.cat([attention(q[:, :m], k[:, :S], v[:, :S], theta, None, q_pos[:m], k_pos[:S]), out], dim=1)
-    T, S = q.shape[1], k.shape[1]
-    if T == S or T == 1:  # the whole sequence (causal), or one new token (it sees every key)
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=T == S, enable_gqa=True)[0]  # (H, T, D)
-    # A chunk after S - T cached keys: every query sees all of those (no mask), and its own keys causally;
-    # two softmaxes merged by their log-sum-exps, cheaper than one call with a (T, S) mask.
-    (cached, lse_c), (own, lse_o) = attend(q, k[:, :S - T], v[:, :S - T]), attend(q, k[:, S - T:], v[:, S - T:], causal=True)
-    lse = torch.logaddexp(lse_c, lse_o)
-    return (cached * (lse_c - lse).exp()[..., None] + own * (lse_o - lse).exp()[..., None]).to(q.dtype)
+    (H, T, D), S = q.shape, k.shape[1]
+    if T == S or T == 1 or not (FUSED_CPU and q.device.type == "cpu"):  # SDPA's fused kernels
+        mask = None if T == S or T == 1 else torch.arange(S, device=q.device) <= torch.arange(T, device=q.device)[:, None] + (S - T)
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=T == S, enable_gqa=True)[0]
+    # On CPU, a chunk after P = S - T cached keys is cheaper as two calls without a mask: every query sees all
+    # cached keys, and its own chunk's keys causally; the two softmaxes are merged by their log-sum-exps.
+    P, n = S - T, H // k.shape[0]
+    cached, lse_c = attend(q, k[:, :P], v[:, :P])
+    own, lse_o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(  # causal needs one key head per query head
+        q[None], k[None, :, P:].repeat_interleave(n, 1), v[None, :, P:].repeat_interleave(n, 1), is_causal=True, scale=D ** -0.5)
+    top = torch.maximum(lse_c, lse_o[0])
+    w_c, w_o = (lse_c - top).exp()[..., None], (lse_o[0] - top).exp()[..., None]
+    return ((cached * w_c + own[0] * w_o) / (w_c + w_o)).to(q.dtype)
 
 
 def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False):
@@ -104,13 +112,14 @@ def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=Fals
         band, band_lse = (attend(q[:, a:a + B], keys_at(k, full), keys_at(v, full)) if full.any()
                           else (q.new_zeros(H, B, D), q.new_full((H, B), -math.inf, dtype=torch.float32)))
         band, band_lse = band.view(H_kv, n, B, D), band_lse.view(H_kv, n, B)
-        lse = band_lse
-        for logits, _ in groups:
-            lse = torch.logaddexp(lse, logits.logsumexp(-1))  # the log of the joint softmax's denominator
-        o = band * (band_lse - lse).exp()[..., None].to(q.dtype)
+        groups = [(logits, values) for logits, values in groups if logits.shape[-1]]
+        top = torch.stack([band_lse] + [logits.amax(-1) for logits, _ in groups]).amax(0)  # (H_kv, n, B)
+        weight = (band_lse - top).exp()  # each group's share of one softmax, up to the common factor exp(top)
+        o = band * weight[..., None]
         for logits, values in groups:
-            o = o + ((logits - lse[..., None]).exp().to(v.dtype) @ values)
-        out[:, a:a + B] = o.reshape(H, B, D)
+            p = (logits - top[..., None]).exp().to(v.dtype)
+            o, weight = o + p @ values, weight + p.sum(-1, dtype=torch.float32)
+        out[:, a:a + B] = (o / weight[..., None]).reshape(H, B, D)  # dividing by the sum keeps it a weighted mean
     return out
 
 
@@ -120,25 +129,20 @@ def keys_at(x, where):
     return x[:, int(idx[0]):int(idx[-1]) + 1] if int(idx[-1] - idx[0]) + 1 == len(idx) else x[:, idx]
 
 
-def attend(q, k, v, causal=False):
+def attend(q, k, v):
     """Softmax attention of q (H, T, D) over all of k, v (H_kv, S, D), and the log-sum-exp of each row's logits:
-    outputs (H, T, D), lse (H, T) in float32. causal (S == T): query t sees keys 0..t only.
+    outputs (H, T, D), lse (H, T) in float32.
 
     On CPU, torch's fused flash kernel returns the log-sum-exp it computes anyway; elsewhere it is written
-    out (tests/test_lambda.py checks that both agree). Without causal, the query heads that share a
-    key/value head are stacked along the query axis, so no key is copied.
+    out (tests/test_lambda.py checks that both agree). The query heads that share a key/value head are
+    stacked along the query axis, so no key is copied.
     """
     (H, T, D), H_kv = q.shape, k.shape[0]
-    fused = FUSED_CPU and q.device.type == "cpu"
-    if causal and fused:  # stacking would break the causal order: copy the (few) keys per query head instead
-        k, v, H_kv = k.repeat_interleave(H // H_kv, 0), v.repeat_interleave(H // H_kv, 0), H
     q = q.reshape(H_kv, H // H_kv * T, D)
-    if fused:
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], is_causal=causal, scale=D ** -0.5)
+    if FUSED_CPU and q.device.type == "cpu":
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], scale=D ** -0.5)
     else:
         s = (q @ k.transpose(1, 2)).float() / math.sqrt(D)  # (H_kv, H/H_kv*T, S)
-        if causal:  # row r is query r % T
-            s.masked_fill_(torch.arange(T, device=q.device) > (torch.arange(s.shape[1], device=q.device) % T)[:, None], -math.inf)
         lse = s.logsumexp(-1)
         o = (s - lse[..., None]).exp().to(v.dtype) @ v
     return o.reshape(H, T, D), lse.reshape(H, T)

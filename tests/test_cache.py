@@ -1,4 +1,6 @@
 """The bounded LambdaCache: chunked prefill + decode through it == one Λ forward; exact positions forever."""
+from unittest import mock
+
 import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
@@ -16,9 +18,10 @@ def tiny(seed):
 
 @settings(max_examples=25, deadline=None)
 @given(G=st.integers(0, 5), L=st.integers(1, 12), extra=st.integers(0, 6), T=st.integers(1, 60),
-       chunks=st.lists(st.integers(1, 20), min_size=1, max_size=8), seed=st.integers(0, 2**16))
-def test_chunked_prefill_and_decode_equal_one_pass(G, L, extra, T, chunks, seed):
-    """Random chunk sizes, then token-by-token decode, over lengths of several windows."""
+       chunks=st.lists(st.integers(1, 20), min_size=1, max_size=8), seed=st.integers(0, 2**16), fused=st.booleans())
+def test_chunked_prefill_and_decode_equal_one_pass(G, L, extra, T, chunks, seed, fused):
+    """Random chunk sizes, then token-by-token decode, over lengths of several windows; fused=False takes the
+    path other devices than the CPU take."""
     config, w, w_np = tiny(seed)
     lam = LambdaConfig(G, L, L - 1 + extra)
     tokens = torch.from_numpy(np.random.default_rng(seed).integers(0, config.vocab_size, T))
@@ -27,7 +30,8 @@ def test_chunked_prefill_and_decode_equal_one_pass(G, L, extra, T, chunks, seed)
     for size in chunks + [1] * T:
         if a >= T:
             break
-        got.append(model.forward(w, config, tokens[a:a + size], cache, lam))
+        with mock.patch.object(model, "FUSED_CPU", fused):
+            got.append(model.forward(w, config, tokens[a:a + size], cache, lam))
         a = min(a + size, T)
         held = cache.pos[cache.pos != cache.EMPTY]
         assert len(held) <= G + L and all(k.shape[1] == G + L for k in cache.k)

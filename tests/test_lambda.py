@@ -7,7 +7,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, example, given, settings, strategies as st
 
 import weights
 from conftest import ROOT, random_weights, tiny_config
@@ -65,6 +65,8 @@ LARGEST_LOGIT = {torch.float32: 1e30, torch.bfloat16: 1e30, torch.float16: 1e4} 
 @settings(max_examples=60, deadline=None)
 @given(c=lambda_cases(), dtype=st.sampled_from(list(LARGEST_LOGIT)), magnitude=st.floats(0, 1), outliers=st.integers(0, 2**16),
        fused=st.booleans())
+@example(c=dict(T=52, G=0, L=4, d_max=3, H_kv=1, rep=1, D=8, seed=0), dtype=torch.bfloat16, magnitude=0.75, outliers=0,
+         fused=False)  # two keys tie at logit 3.56e21: a log-sum-exp merge counted both with weight 1 (output 1112)
 def test_masked_keys_never_count_even_at_extreme_logits(c, dtype, magnitude, outliers, fused):
     """Logits up to 1e30 (1e4 in float16), some values ±1000: each output is finite and lies between the smallest and
     largest value among the keys its query sees, so no masked key leaked in and no row was all -inf."""
@@ -158,7 +160,7 @@ def test_rope_preserves_norms_and_depends_only_on_distance(D, m_, n_, shift, see
 def test_a_chunk_after_cached_keys_is_the_last_rows_of_causal_attention(S, T, H_kv, rep, D, dtype, fused, seed):
     """Full attention (no lam) of the chunk's T queries at positions S-T..S-1 over all S keys (chunked prefill, decoding)
     equals the last T rows of the NumPy causal definition: cached keys unmasked, the chunk's own keys causal."""
-    T = min(T, S)
+    T = 1 + T % S  # any chunk length up to S; T < S is the chunk after cached keys
     q, k, v = rand((H_kv * rep, S, D), seed), rand((H_kv, S, D), seed + 1), rand((H_kv, S, D), seed + 2)
     expected = reference.attention(q, reference.repeat_kv(k, rep), reference.repeat_kv(v, rep), THETA)[:, S - T:]
     angles = model.rope_angles(torch.arange(S), D, THETA)
@@ -168,6 +170,13 @@ def test_a_chunk_after_cached_keys_is_the_last_rows_of_causal_attention(S, T, H_
         got = model.attention(qt, kt, vt, THETA, None, torch.arange(S - T, S), torch.arange(S)).double().numpy()
     tol = 1e-5 if dtype == torch.float32 else 0.05
     assert np.abs(got - expected).max() <= tol, f"max abs diff {np.abs(got - expected).max():.3g}"
+
+
+def test_queries_inside_the_first_window_need_their_keys_in_order():
+    """Queries 2..5 with L = 4: positions 2 and 3 take the causal path, which reads keys 0..3 as the first four."""
+    q, k = torch.zeros(1, 4, 4), torch.zeros(1, 6, 4)
+    with pytest.raises(ValueError, match="in order"):
+        model.attention(q, k, k, THETA, LambdaConfig(1, 4, 4), torch.arange(2, 6), torch.tensor([0, 2, 1, 3, 4, 5]))
 
 
 def test_torch_path_refuses_small_d_max():

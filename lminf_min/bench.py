@@ -137,12 +137,12 @@ def filled_cache(cfg, lam, context, device, dtype):
 
 
 @torch.inference_mode()
-def decode(ckpt, contexts, tokens, json_out, device, dtype):
+def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
     """ms per generated token after `context` tokens: ours (LM-Infinite's bounded cache) against transformers (full cache)."""
     from transformers import DynamicCache
     writable(json_out)
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
-    hf, lam, rows, dt = hf_model(ckpt, device, dtype), LambdaConfig.for_model(cfg), [], getattr(torch, dtype)
+    hf, lam, rows, dt = hf_model(ckpt, device, dtype), LambdaConfig.for_model(cfg, n_local=n_local), [], getattr(torch, dtype)
     token = torch.tensor([42], device=device)
     for context in contexts:
         cache = filled_cache(cfg, lam, context, device, dtype=dt)
@@ -154,7 +154,7 @@ def decode(ckpt, contexts, tokens, json_out, device, dtype):
         full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * dt.itemsize
         rows.append({"context": context, "ours ms/token": ours_ms, "transformers ms/token": theirs_ms, "ours / transformers": ours_ms / theirs_ms,
                      "ours KV MiB": cache.nbytes() / 2**20, "full KV MiB": full / 2**20})
-    report("decode, batch 1, the fastest of --tokens steps", rows, json_out, device=device, dtype=dtype)
+    report(f"decode, batch 1, G={lam.n_global} L={lam.n_local}, the fastest of --tokens steps", rows, json_out, device=device, dtype=dtype)
 
 
 @torch.inference_mode()
@@ -256,6 +256,7 @@ def main(argv=None):
     p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
     p.add_argument("--contexts", type=lengths_arg, default=[4096, 32768], help="context lengths, comma-separated")
     p.add_argument("--tokens", type=int, default=8, help="decode steps timed per context (the fastest counts)")
+    p.add_argument("--n-local", type=int, help="L of our bounded cache (Llama-2's is 4096); default: the model's training length")
     p = sub.add_parser("stream", help="tokens/s and memory of a long random stream through the bounded cache", formatter_class=HelpFormatter)
     p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
     p.add_argument("--tokens", type=int, default=100000, help="stream length")

@@ -184,7 +184,7 @@ def test_bench_subcommands_print_tables_and_write_json(sp_ckpt, tmp_path):
     text.write_text(" ".join(["the cat sat on a mat and ran to see the dog"] * 30))
     runs = {"attention": ["--lengths", "64,160", "--heads", "4,2,8", "--n-local", "32", "--profile"],
             "prefill": ["--ckpt", sp_ckpt, "--text", text, "--lengths", "40,150"],
-            "decode": ["--ckpt", sp_ckpt, "--contexts", "100,300", "--tokens", "2"],
+            "decode": ["--ckpt", sp_ckpt, "--contexts", "100,300", "--tokens", "2", "--n-local", "16"],
             "stream": ["--ckpt", sp_ckpt, "--tokens", "200", "--chunk", "16"]}
     rows = {}
     for name, args in runs.items():
@@ -197,6 +197,7 @@ def test_bench_subcommands_print_tables_and_write_json(sp_ckpt, tmp_path):
     assert [row["tokens"] for row in rows["prefill"]] == [40, 150] and len(rows["stream"]) == 10
     assert rows["prefill"][0]["FLOPs theirs / ours"] == 1.0 < rows["prefill"][1]["FLOPs theirs / ours"]  # L = 64
     assert rows["decode"][0]["ours KV MiB"] == rows["decode"][1]["ours KV MiB"] < rows["decode"][1]["full KV MiB"]
+    assert rows["decode"][0]["ours KV MiB"] * 2**20 == 2 * 2 * 2 * 8 * (10 + 16) * 4  # k and v, layers, kv heads, dim, G + L, float32
     assert all(row["tokens/s"] > 0 for row in rows["stream"]) and all(row["Λ ms"] > 0 for row in rows["attention"])
     assert [row["FLOPs Λ / causal"] for row in rows["attention"]] == [  # G=10, L=32: Λ mask cells / causal cells
         reference.lambda_mask(T, LambdaConfig(10, 32, 32)).sum() / (T * (T + 1) / 2) for T in (64, 160)]

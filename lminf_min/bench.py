@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from generate import decode_one_token, load_model, prefill, read_prompt
+from generate import decode_one_token, load_model, peak_memory_mb, prefill, read_prompt
 from lminf_min import model
 from lminf_min.eval import writable
 from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
@@ -160,7 +160,6 @@ def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
 @torch.inference_mode()
 def stream(ckpt, tokens, chunk, json_out, device, dtype):
     """Random tokens through LM-Infinite's bounded cache in chunks: tokens/s and peak memory per tenth of the stream."""
-    from generate import peak_memory_mb
     writable(json_out)
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     lam, rows, g = LambdaConfig.for_model(cfg), [], torch.Generator().manual_seed(0)

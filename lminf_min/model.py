@@ -60,18 +60,15 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=Fals
             raise ValueError("queries inside the first window need keys 0..S-1 first and in order")
         return torch.cat([attention(q[:, :m], k[:, :S], v[:, :S], theta, None, q_pos[:m], k_pos[:S]), out], dim=1)
     (H, T, D), S = q.shape, k.shape[1]
-    if T == S or T == 1 or not (FUSED_CPU and q.device.type == "cpu"):  # SDPA's fused kernels
+    if T == S or T == 1 or not (FUSED_CPU and q.device.type == "cpu"):  # the whole sequence, one new token, or not on CPU
         mask = None if T == S or T == 1 else torch.arange(S, device=q.device) <= torch.arange(T, device=q.device)[:, None] + (S - T)
         return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=T == S, enable_gqa=True)[0]
     # On CPU, a chunk after P = S - T cached keys is cheaper as two calls without a mask: every query sees all
-    # cached keys, and its own chunk's keys causally; the two softmaxes are merged by their log-sum-exps.
+    # cached keys, and its own chunk's keys causally; merged() joins the two softmaxes into one.
     P, n = S - T, H // k.shape[0]
-    cached, lse_c = attend(q, k[:, :P], v[:, :P])
-    own, lse_o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(  # causal needs one key head per query head
+    own, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(  # causal needs one key head per query head
         q[None], k[None, :, P:].repeat_interleave(n, 1), v[None, :, P:].repeat_interleave(n, 1), is_causal=True, scale=D ** -0.5)
-    top = torch.maximum(lse_c, lse_o[0])
-    w_c, w_o = (lse_c - top).exp()[..., None], (lse_o[0] - top).exp()[..., None]
-    return ((cached * w_c + own[0] * w_o) / (w_c + w_o)).to(q.dtype)
+    return merged([attend(q, k[:, :P], v[:, :P]), (own[0], lse[0])]).to(q.dtype)
 
 
 def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False):
@@ -83,7 +80,7 @@ def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=Fals
     the lam.top_k middle keys with the largest logits at lam.top_k_distance (paper §4). The band keys
     that every query of the block sees go through a fused kernel with no mask, which also returns each
     row's log-sum-exp; the few other logits (band edges, starting tokens, top-k) are computed here, and
-    the partial softmaxes are merged by their log-sum-exps: exactly one softmax over all groups.
+    merged() joins the partial softmaxes by their log-sum-exps: exactly one softmax over all groups.
     Keys may come in any order (LambdaCache keeps a ring buffer); queries come in ascending order.
     """
     G, L, d_max = lam.n_global, lam.n_local, lam.d_max
@@ -109,18 +106,26 @@ def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=Fals
         start.masked_fill_(dg < L, -math.inf)  # inside the window they are band keys
         groups = [(edges, v[:, edge][:, None]), (start, v_start[:, None])]  # (logits (H_kv, n, B, *), values)
         groups += [top_k_middle(qb, k, v, theta, lam, int(i), k_pos)] if top_k else []
-        band, band_lse = (attend(q[:, a:a + B], keys_at(k, full), keys_at(v, full)) if full.any()
-                          else (q.new_zeros(H, B, D), q.new_full((H, B), -math.inf, dtype=torch.float32)))
-        band, band_lse = band.view(H_kv, n, B, D), band_lse.view(H_kv, n, B)
-        groups = [(logits, values) for logits, values in groups if logits.shape[-1]]
-        top = torch.stack([band_lse] + [logits.amax(-1) for logits, _ in groups]).amax(0)  # (H_kv, n, B)
-        weight = (band_lse - top).exp()  # each group's share of one softmax, up to the common factor exp(top)
-        o = band * weight[..., None]
-        for logits, values in groups:
-            p = (logits - top[..., None]).exp().to(v.dtype)
-            o, weight = o + p @ values, weight + p.sum(-1, dtype=torch.float32)
-        out[:, a:a + B] = (o / weight[..., None]).reshape(H, B, D)  # dividing by the sum keeps it a weighted mean
+        band = [attend(q[:, a:a + B], keys_at(k, full), keys_at(v, full))] if full.any() else []
+        out[:, a:a + B] = merged([(o.view(H_kv, n, B, D), lse.view(H_kv, n, B)) for o, lse in band], groups).reshape(H, B, D)
     return out
+
+
+def merged(parts, groups=()):
+    """One softmax from partial ones: parts (outputs (..., D), lse (...)), each a softmax over its own keys, and
+    groups (logits (..., K), values (..., K, D)) written out. Each part and each key counts with its share
+    exp(lse - top) or exp(logit - top) of the joint denominator; dividing by the sum of the shares keeps the
+    result a weighted mean of the values even where huge logits tie in float32. Output in float32."""
+    groups = [(logits, values) for logits, values in groups if logits.shape[-1]]
+    top = torch.stack([lse for _, lse in parts] + [logits.amax(-1) for logits, _ in groups]).amax(0)
+    o, weight = 0, 0
+    for part, lse in parts:
+        w = (lse - top).exp()
+        o, weight = o + part * w[..., None], weight + w
+    for logits, values in groups:
+        p = (logits - top[..., None]).exp().to(values.dtype)
+        o, weight = o + p @ values, weight + p.sum(-1, dtype=torch.float32)
+    return o / weight[..., None]
 
 
 def keys_at(x, where):

@@ -54,10 +54,7 @@ def report(title, rows, json_out, **meta):
 
 
 def hf_model(ckpt, device, dtype):
-    try:
-        from transformers import LlamaForCausalLM
-    except ImportError:
-        raise UserError("the comparison needs transformers: pip install -e '.[test]'") from None
+    from transformers import LlamaForCausalLM  # imported here: the other sub-commands do not need it
     return LlamaForCausalLM.from_pretrained(str(ckpt), dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device).eval()
 
 

@@ -79,17 +79,18 @@ def sample(logits, temperature, generator):
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def prefill(weights, cfg, tokens, cache, lam=None):
-    """Run the prompt through the model chunk by chunk, filling the cache; logits (V,) of its last token."""
+def prefill(weights, cfg, tokens, cache, lam=None, backend=None):
+    """Run the prompt through the model chunk by chunk, filling the cache; logits (V,) of its last token.
+    backend: how Λ attention is computed (model.pick_backend(device)); None: the block loop."""
     chunks = tokens.split(PREFILL_CHUNK)
     for chunk in tqdm(chunks, desc="prefill", unit="chunk", disable=len(chunks) < 4, file=sys.stderr):
-        logits = model.forward(weights, cfg, chunk, cache, lam, last_only=True)
+        logits = model.forward(weights, cfg, chunk, cache, lam, last_only=True, backend=backend)
     return logits[-1]
 
 
-def decode_one_token(weights, cfg, token, cache, lam=None):
+def decode_one_token(weights, cfg, token, cache, lam=None, backend=None):
     """Logits (V,) after one more token."""
-    return model.forward(weights, cfg, token.view(1), cache, lam, last_only=True, decoding=True)[-1]
+    return model.forward(weights, cfg, token.view(1), cache, lam, last_only=True, decoding=True, backend=backend)[-1]
 
 
 def peak_memory_mb(device):
@@ -123,9 +124,10 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla
         raise UserError(f"the prompt has {len(ids)} tokens: a full KV cache for them needs {grown / 2**30:.1f} GiB, more than the "
                         f"{free / 2**30:.1f} GiB available; drop --vanilla and --top-k-middle (LM-Infinite's cache is bounded) or shorten the prompt")
     generator = torch.Generator().manual_seed(seed)
+    backend = model.pick_backend(device)  # Λ attention: FlexAttention on CUDA, the block loop on CPU
     cache_is_bounded = isinstance(cache, model.LambdaCache)
     t0 = time.perf_counter()
-    logits = prefill(weights, cfg, torch.tensor(ids, device=device), cache, lam)
+    logits = prefill(weights, cfg, torch.tensor(ids, device=device), cache, lam, backend)
     t1 = time.perf_counter()
     out, printed = [], ""
     for _ in range(max_new_tokens):
@@ -138,7 +140,7 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla
             sys.stdout.write(text_so_far[len(printed):])
             sys.stdout.flush()
             printed = text_so_far
-        logits = decode_one_token(weights, cfg, torch.tensor(next_id, device=device), cache, lam)
+        logits = decode_one_token(weights, cfg, torch.tensor(next_id, device=device), cache, lam, backend)
     t2 = time.perf_counter()
     print(file=sys.stdout)
     print(f"prompt {len(ids)} tokens, prefill {len(ids) / (t1 - t0):.0f} tokens/s; generated {len(out)} tokens, "

@@ -9,13 +9,11 @@ def _pairs(T):
     return np.arange(T)[:, None], np.arange(T)[None, :]  # i (query) down, j (key) across
 
 
-def window_mask(T, n_local):
-    i, j = _pairs(T)
+def window_mask(i, j, n_local):
     return (j <= i) & (i - j < n_local)
 
 
-def lambda_mask(T, n_global, n_local):
-    i, j = _pairs(T)
+def lambda_mask(i, j, n_global, n_local):
     return (j <= i) & ((i - j < n_local) | (j < n_global))
 
 
@@ -30,8 +28,7 @@ def streaming_distance(T, n_global, n_local):
     return np.where(in_window, i - j, np.where(starting, np.minimum(i, n_global + n_local - 1) - j, 0))
 
 
-def dilated_mask(T, n_global, n_local, stride):
-    i, j = _pairs(T)
+def dilated_mask(i, j, n_global, n_local, stride):
     d = i - j
     return (d >= 0) & (((d % stride == 0) & (d < n_local * stride)) | (j < n_global))
 

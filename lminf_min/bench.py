@@ -67,21 +67,24 @@ def lengths_arg(text):
 
 @torch.inference_mode()
 def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profile):
-    """One layer's attention on random inputs: Λ attention (model.attention) against SDPA with a causal mask."""
+    """One layer's attention on random inputs: both Λ backends (the block loop, compiled FlexAttention) against
+    SDPA with a causal mask. Flex's first call at each length compiles it (not timed)."""
     writable(json_out)
     device = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     H, H_kv, D = heads
-    lam, rows = LambdaConfig(n_global, n_local, n_local), []
+    lam, rows, flex = LambdaConfig(n_global, n_local, n_local), [], model.Flex()
     for T in lengths:
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(h, T, D, generator=g, device=device, dtype=getattr(torch, dtype)) for h in (H, H_kv, H_kv))
         pos = torch.arange(T, device=device)
         causal = best_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True))
-        lam_ms = best_ms(lambda: model.attention(q, k, v, 1e4, lam, pos, pos))  # as forward() calls it
-        rows.append({"tokens": T, "SDPA causal ms": causal, "Λ ms": lam_ms, "Λ / causal": lam_ms / causal,
+        blocks_ms = best_ms(lambda: model.attention(q, k, v, 1e4, lam, pos, pos))  # as forward() calls it
+        flex_ms = best_ms(lambda: model.attention(q, k, v, 1e4, lam, pos, pos, backend=flex))
+        rows.append({"tokens": T, "SDPA causal ms": causal, "blocks ms": blocks_ms, "flex ms": flex_ms,
+                     "blocks / causal": blocks_ms / causal, "flex / causal": flex_ms / causal,
                      "FLOPs Λ / causal": pairs(T, lam) / pairs(T, None)})
     report(f"attention, heads {H}/{H_kv} x {D}, G={n_global} L={n_local}", rows, json_out, device=device, dtype=dtype)
-    if profile:  # where one Λ call at the last length spends its time
+    if profile:  # where one Λ call of the block loop at the last length spends its time
         with torch.profiler.profile() as prof:
             model.attention(q, k, v, 1e4, lam, pos, pos)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
@@ -96,7 +99,8 @@ def prefill_cmd(ckpt, text, lengths, json_out, device, dtype):
     if len(ids) < max(lengths):
         raise UserError(f"{text} holds only {len(ids)} tokens; pass a longer text or smaller --lengths")
     ids, hf, lam, rows = torch.tensor(ids, device=device), hf_model(ckpt, device, dtype), LambdaConfig.for_model(cfg), []
-    ours = lambda T: prefill(w, cfg, ids[:T], model.new_cache(cfg, lam), lam)
+    backend = model.pick_backend(device)
+    ours = lambda T: prefill(w, cfg, ids[:T], model.new_cache(cfg, lam), lam, backend)
     theirs = lambda T: hf(ids[None, :T], logits_to_keep=1)
     ours(2048), theirs(2048)  # warm-up: first calls pay for allocations and kernel choice
     for T in lengths:
@@ -140,10 +144,10 @@ def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
     writable(json_out)
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     hf, lam, rows, dt = hf_model(ckpt, device, dtype), LambdaConfig.for_model(cfg, n_local=n_local), [], getattr(torch, dtype)
-    token = torch.tensor([42], device=device)
+    token, backend = torch.tensor([42], device=device), model.pick_backend(device)
     for context in contexts:
         cache = filled_cache(cfg, lam, context, device, dtype=dt)
-        ours_ms = best_ms(lambda: decode_one_token(w, cfg, token, cache, lam), repeat=tokens)
+        ours_ms = best_ms(lambda: decode_one_token(w, cfg, token, cache, lam, backend), repeat=tokens)
         hf_cache = DynamicCache(config=hf.config)
         for layer in range(cfg.num_hidden_layers):
             hf_cache.update(*(torch.randn(1, cfg.num_key_value_heads, context, cfg.head_dim, device=device, dtype=dt) for _ in "kv"), layer)
@@ -160,12 +164,12 @@ def stream(ckpt, tokens, chunk, json_out, device, dtype):
     writable(json_out)
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     lam, rows, g = LambdaConfig.for_model(cfg), [], torch.Generator().manual_seed(0)
-    cache, step = model.new_cache(cfg, lam), max(tokens // 10, chunk)
+    cache, step, backend = model.new_cache(cfg, lam), max(tokens // 10, chunk), model.pick_backend(device)
     for start in range(0, tokens, step):
         t0 = clock()
         for a in range(start, min(start + step, tokens), chunk):
             ids = torch.randint(0, cfg.vocab_size, (min(chunk, tokens - a),), generator=g).to(device)
-            model.forward(w, cfg, ids, cache, lam, last_only=True)
+            model.forward(w, cfg, ids, cache, lam, last_only=True, backend=backend)
         n = min(start + step, tokens) - start
         rows.append({"tokens": f"{start}-{start + n}", "tokens/s": n / (clock() - t0), "peak MiB": round(peak_memory_mb(device))})
     report(f"stream, G={lam.n_global} L={lam.n_local}, chunks of {chunk}", rows, json_out, device=device, dtype=dtype)
@@ -173,13 +177,13 @@ def stream(ckpt, tokens, chunk, json_out, device, dtype):
 
 def ours(weights, cfg, ids, new_tokens, lam):
     """Seconds for prefill and for new_tokens greedy decode steps (no stop at end-of-text), and the tokens."""
-    cache, out = model.new_cache(cfg, lam), []
+    cache, out, backend = model.new_cache(cfg, lam), [], model.pick_backend(ids.device)
     t0 = clock()
-    logits = prefill(weights, cfg, ids, cache, lam)
+    logits = prefill(weights, cfg, ids, cache, lam, backend)
     t1 = clock()
     for _ in range(new_tokens):
         out.append(int(logits.argmax()))
-        logits = decode_one_token(weights, cfg, torch.tensor(out[-1:], device=ids.device), cache, lam)
+        logits = decode_one_token(weights, cfg, torch.tensor(out[-1:], device=ids.device), cache, lam, backend)
     return t1 - t0, clock() - t1, out
 
 
@@ -237,7 +241,7 @@ def main(argv=None):
     p.add_argument("--json", dest="json_out", help="write the table as JSON here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
-    p = sub.add_parser("attention", help="one layer: Λ attention vs SDPA causal on random inputs", formatter_class=HelpFormatter)
+    p = sub.add_parser("attention", help="one layer: Λ attention (block loop, FlexAttention) vs SDPA causal on random inputs", formatter_class=HelpFormatter)
     p.add_argument("--lengths", type=lengths_arg, default=[4096, 16384], help="sequence lengths, comma-separated")
     p.add_argument("--heads", type=lambda t: [int(n) for n in t.split(",")], default=[9, 3, 64],
                    help="query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)")

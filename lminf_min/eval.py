@@ -34,7 +34,7 @@ def writable(json_out):
         raise UserError(f"cannot write {json_out}: its folder does not exist; create it or pick another --json path")
 
 
-def stream_nll(weights, cfg, chunks, lam):
+def stream_nll(weights, cfg, chunks, lam, backend=None):
     """For a stream given as token chunks, yield per chunk the NLL of its tokens (the very first has none).
 
     One pass through the cache (bounded for LM-Infinite): memory does not grow with the stream. Every
@@ -42,7 +42,7 @@ def stream_nll(weights, cfg, chunks, lam):
     """
     cache, last, seen = model.new_cache(cfg, lam), None, 0  # last: log-probs after the previous chunk, for this chunk's first token
     for chunk in chunks:
-        hidden = model.forward(weights, cfg, chunk, cache, lam=lam, hidden_only=True)  # (T, C)
+        hidden = model.forward(weights, cfg, chunk, cache, lam=lam, hidden_only=True, backend=backend)  # (T, C)
         logp = torch.log_softmax(model.lm_head(weights, cfg, hidden), dim=-1)  # (T, V) float32
         if not torch.isfinite(logp).all():  # finite log-probabilities <=> finite logits: a finished run had no inf/NaN
             raise UserError(f"inf or NaN logits in the chunk of {len(chunk)} tokens after token {seen}; try --dtype float32")
@@ -52,10 +52,10 @@ def stream_nll(weights, cfg, chunks, lam):
         last = logp[-1]
 
 
-def token_nll(weights, cfg, tokens, lam, progress=True):
+def token_nll(weights, cfg, tokens, lam, progress=True, backend=None):
     """NLL (N-1,) of each token given all before it, in chunks of CHUNK tokens."""
     chunks = tqdm(tokens.split(CHUNK), desc="perplexity", unit="chunk", disable=not progress, file=sys.stderr)
-    return torch.cat(list(stream_nll(weights, cfg, chunks, lam)))
+    return torch.cat(list(stream_nll(weights, cfg, chunks, lam, backend)))
 
 
 def bucketed(nll, bucket):
@@ -116,7 +116,7 @@ def stream(ckpt, text, tokens, segment, n_global, n_local, d_max, seed, json_out
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     lam, tok = LambdaConfig.for_model(cfg, n_global, n_local, d_max), Tokenizer(ckpt)
     docs = [tok.encode(read_prompt(t)) for t in text]
-    nlls = stream_nll(w, cfg, (c.to(device) for c in sampled_stream(docs, tokens, seed)), lam)
+    nlls = stream_nll(w, cfg, (c.to(device) for c in sampled_stream(docs, tokens, seed)), lam, model.pick_backend(device))
     rows, pending, total = [], torch.zeros(0, dtype=torch.float64), 0.0
     bar = tqdm(total=tokens - 1, desc="stream", unit="tok", file=sys.stderr)
     for nll in itertools.chain(nlls, [None]):  # None marks the end: report the last, partial segment
@@ -149,7 +149,7 @@ def ppl(ckpt, text, max_tokens, vanilla, n_global, n_local, d_max, bucket, json_
     if len(ids) < max_tokens:
         print(f"note: {text} holds only {len(ids)} tokens", file=sys.stderr)
     t0 = time.perf_counter()
-    nll = token_nll(w, cfg, torch.tensor(ids, device=device), lam)
+    nll = token_nll(w, cfg, torch.tensor(ids, device=device), lam, backend=model.pick_backend(device))
     seconds = time.perf_counter() - t0
     name = "vanilla" if lam is None else f"LM-Infinite G={lam.n_global} L={lam.n_local} D={lam.d_max}"
     result = {"tokens": len(ids), "ppl": math.exp(nll.mean()), "buckets": bucketed(nll, bucket), "attention": name,
@@ -184,14 +184,14 @@ def passkey_prompt(tok, length, depth, key):
     return task + filler[:at] + key_ids + filler[at:] + question, len(task) + at
 
 
-def greedy_answer(weights, cfg, cache, tail, lam, vocab):
+def greedy_answer(weights, cfg, cache, tail, lam, vocab, backend):
     """Feed `tail` one token at a time as in decoding (so top-k middle tokens see it), then ANSWER_TOKENS greedy tokens
     (of the tokenizer's `vocab`: padding rows of the embedding never win)."""
     for t in tail:
-        logits = decode_one_token(weights, cfg, t, cache, lam)
+        logits = decode_one_token(weights, cfg, t, cache, lam, backend)
     out = [int(logits[:vocab].argmax())]
     while len(out) < ANSWER_TOKENS:
-        logits = decode_one_token(weights, cfg, torch.tensor(out[-1:], device=tail.device), cache, lam)
+        logits = decode_one_token(weights, cfg, torch.tensor(out[-1:], device=tail.device), cache, lam, backend)
         out.append(int(logits[:vocab].argmax()))
     return out
 
@@ -207,7 +207,7 @@ def passkey(ckpt, lengths, samples, depths, top_k_middle, top_k_from_layer, top_
         raise UserError("--samples, --depths and --top-k-middle must be at least 1")
     writable(json_out)
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
-    tok, rng = Tokenizer(ckpt), torch.Generator().manual_seed(seed)
+    tok, rng, backend = Tokenizer(ckpt), torch.Generator().manual_seed(seed), model.pick_backend(device)
     vocab, n_question = tok.vocab_size, len(tok.encode(PASSKEY_QUESTION))
     lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
     top_k_name = f"LM-Infinite + top-{top_k_middle}"
@@ -225,16 +225,16 @@ def passkey(ckpt, lengths, samples, depths, top_k_middle, top_k_from_layer, top_
         cache = model.KVCache(cfg.num_hidden_layers)  # a full cache, so that top-k can reuse LM-Infinite's haystack
         prefill(w, cfg, haystack[:lam.n_local], cache)  # inside the first window Λ attention is causal attention: shared
         if length + ANSWER_TOKENS <= lam.n_local:  # every query inside the window: the three are one computation (T <= L)
-            answers = dict.fromkeys(methods, greedy_answer(w, cfg, cache, question, None, vocab))
+            answers = dict.fromkeys(methods, greedy_answer(w, cfg, cache, question, None, vocab, backend))
         else:
             full = copy.deepcopy(cache)  # vanilla's, from here on
             if len(haystack) > lam.n_local:
-                prefill(w, cfg, haystack[lam.n_local:], cache, lam)
+                prefill(w, cfg, haystack[lam.n_local:], cache, lam, backend)
                 prefill(w, cfg, haystack[lam.n_local:], full)
             shared = copy.deepcopy(cache)
-            answers = {"LM-Infinite": greedy_answer(w, cfg, cache, question, lam, vocab),
-                       top_k_name: greedy_answer(w, cfg, shared, question, methods[top_k_name], vocab),
-                       "vanilla": greedy_answer(w, cfg, full, question, None, vocab)}
+            answers = {"LM-Infinite": greedy_answer(w, cfg, cache, question, lam, vocab, backend),
+                       top_k_name: greedy_answer(w, cfg, shared, question, methods[top_k_name], vocab, backend),
+                       "vanilla": greedy_answer(w, cfg, full, question, None, vocab, backend)}
         for name, out in answers.items():
             text = tok.decode(out)
             rows.append({"length": length, "depth": depth, "key_position": key_at, "key": key, "method": name, "answer": text,

@@ -1,4 +1,8 @@
-"""Print (or draw) the Λ mask, for reading and for class.
+"""The Λ mask and the distance limit, written once as functions of positions; and the mask's picture.
+
+Every engine calls these two functions: the NumPy reference on the (T, T) grid i[:, None], j[None, :],
+the FlexAttention backend as its mask_mod (model.Flex), the cache's eviction test, and the checks.
+An exercise that changes the mask replaces lambda_mask (docs/exercises.md).
 
     python -m lminf_min.mask --length 24 --n-global 3 --n-local 6 [--d-max 6] [--png mask.png]
 """
@@ -7,7 +11,22 @@ import argparse
 import numpy as np
 
 from .config import HelpFormatter, LambdaConfig, UserError, cli
-from .reference import effective_distance, lambda_mask
+
+
+def lambda_mask(i, j, lam):
+    """True where key j is visible to query i: j <= i and (i - j < L or j < G) (DESIGN.md §1).
+
+    i, j: positions as NumPy arrays or torch tensors that broadcast. Plain causal if lam is None.
+    """
+    causal = j <= i
+    if lam is None:
+        return causal
+    return causal & ((i - j < lam.n_local) | (j < lam.n_global))
+
+
+def effective_distance(i, j, lam):
+    """The distance a visible pair is scored at: min(i - j, d_max); just i - j if lam is None."""
+    return i - j if lam is None else (i - j).clip(max=lam.d_max)
 
 LEGEND = ("row i = query, column j = key\n"
           "# in the window, scored at distance i - j    + in the window, distance capped at d_max\n"
@@ -17,7 +36,7 @@ LEGEND = ("row i = query, column j = key\n"
 def mask_codes(T, lam):
     """(T, T) ints: 0 masked, 1 window at true distance, 2 starting token outside the window, 3 capped in the window."""
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
-    visible, capped = lambda_mask(T, lam), effective_distance(T, lam) < i - j
+    visible, capped = lambda_mask(i, j, lam), effective_distance(i, j, lam) < i - j
     in_window = visible & (i - j < lam.n_local)
     return np.where(~visible, 0, np.where(~in_window, 2, np.where(capped, 3, 1)))
 

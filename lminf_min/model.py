@@ -7,11 +7,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .config import LambdaConfig, LlamaConfig, UserError
+from .mask import lambda_mask
 
-BLOCK = 512  # most queries per step of the Λ path: it reads (H, BLOCK, <= G + L + BLOCK) scores, never (H, T, T)
-FUSED_CPU = True  # attend() through torch's fused CPU kernel (False: the written-out path other devices take)
+BLOCK = 512  # most queries per step of the block loop: it reads (H, BLOCK, <= G + L + BLOCK) scores, never (H, T, T)
 
 
 def rms_norm(x, weight, eps):
@@ -33,45 +34,105 @@ def rope(x, angles):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=False):
+def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=False, backend=None):
     """Attention of T queries over S keys. q: (H, T, D), k, v: (H_kv, S, D), rotated at their positions;
     q_pos (T,) and k_pos (S,) are those positions (absolute, int64).
 
     Without lam: causal attention through SDPA over keys that must be positions 0..S-1 in order (as every
     cache here returns them while no query is past the first window), whose
     enable_gqa shares each key/value head among H/H_kv query heads without copying (the batch axis of 1
-    matters: with 4-D inputs torch picks its fused flash kernel on CPU, 3x faster). With lam: Λ attention,
-    which is exactly causal attention for the queries inside the first window (tests/test_lambda.py);
-    the others may see keys in any order (LambdaCache's ring).
-    top_k: one decoding query that also sees the lam.top_k middle keys with the largest logits (paper §4).
+    matters: with 4-D inputs torch picks its fused flash kernel on CPU, 3x faster). With lam: Λ attention
+    through `backend` (pick_backend chooses it once per device: Flex on CUDA, blocks on CPU); keys may
+    come in any order (LambdaCache's ring).
+    top_k: one decoding query that also sees the lam.top_k middle keys with the largest logits (paper §4),
+    always through blocks, which merges them into the same softmax.
     """
     if lam is not None and lam.d_max < lam.n_local - 1:
         raise UserError(f"d_max={lam.d_max} < n_local - 1 = {lam.n_local - 1} would cap distances inside the window; "
                         "the fast path does not do that: use lminf_min.reference.attention, or d_max >= n_local - 1")
-    if lam is not None and int(q_pos[-1]) >= lam.n_local:
-        m = int((q_pos < lam.n_local).sum())  # queries still inside the first window
-        out = lambda_attention(q[:, m:], k, v, theta, lam, q_pos[m:], k_pos, top_k)
-        if m == 0:
-            return out
-        # Those m do plain causal attention over positions 0..S-1: no cache has wrapped yet, so these keys
-        # come first and in order.
-        S = int(q_pos[m - 1]) + 1
-        if not torch.equal(k_pos[:S], torch.arange(S, device=k_pos.device)):
-            raise ValueError("queries inside the first window need keys 0..S-1 first and in order")
-        return torch.cat([attention(q[:, :m], k[:, :S], v[:, :S], theta, None, q_pos[:m], k_pos[:S]), out], dim=1)
+    if lam is not None:
+        return blocks(q, k, v, theta, lam, q_pos, k_pos, top_k) if top_k or backend is None else backend(
+            q, k, v, theta, lam, q_pos, k_pos)
     (H, T, D), S = q.shape, k.shape[1]
-    if T == S or T == 1 or not (FUSED_CPU and q.device.type == "cpu"):  # the whole sequence, one new token, or not on CPU
+    if T == S or T == 1 or q.device.type != "cpu":  # the whole sequence, one new token, or not on CPU
         mask = None if T == S or T == 1 else torch.arange(S, device=q.device) <= torch.arange(T, device=q.device)[:, None] + (S - T)
         return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=T == S, enable_gqa=True)[0]
     # On CPU, a chunk after P = S - T cached keys is cheaper as two calls without a mask: every query sees all
     # cached keys, and its own chunk's keys causally; merged() joins the two softmaxes into one.
     P, n = S - T, H // k.shape[0]
-    own, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(  # causal needs one key head per query head
-        q[None], k[None, :, P:].repeat_interleave(n, 1), v[None, :, P:].repeat_interleave(n, 1), is_causal=True, scale=D ** -0.5)
-    return merged([attend(q, k[:, :P], v[:, :P]), (own[0], lse[0])]).to(q.dtype)
+    own = cpu_flash_attention(q, k[:, P:].repeat_interleave(n, 0), v[:, P:].repeat_interleave(n, 0), causal=True)
+    return merged([attend(q, k[:, :P], v[:, :P]), own]).to(q.dtype)
 
 
-def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False):
+def pick_backend(device):
+    """The Λ attention backend for a device, chosen once: one FlexAttention call on CUDA, the block loop
+    elsewhere (on this project's 2-core CPU the block loop is faster than compiled flex: docs/results.md)."""
+    return Flex(dynamic=None) if torch.device(device).type == "cuda" else blocks
+
+
+class Flex:
+    """Λ attention as one FlexAttention call: the GPU backend, and on CPU the way to run any mask a class writes.
+
+    mask_mod is `mask` (lminf_min.mask.lambda_mask, or an exercise's function of (i, j, lam)) on absolute
+    positions, looked up through q_pos and k_pos so that the ring cache's slot order works. score_mod is
+    the distance limit, the paper's way: a starting key j < G farther than d_max is scored from a small
+    (H, T, g) table, the query rotated to d_max against the key rotated back to 0. Every other visible
+    key is scored at its true distance, so a mask must not show one farther than d_max (the Λ mask never
+    does: d_max >= L - 1). Grouped-query heads share keys through enable_gqa, no copy.
+    compiled: torch.compile the call and the block mask (needed for long inputs: compiled,
+    create_block_mask never materialises the (T, S) mask).
+    dynamic: passed to torch.compile. None on CUDA (prefill chunks meet a growing number of keys); False
+    by default because torch 2.13's CPU flex kernel fails to build for dynamic shapes (a C++ compile
+    error), so on CPU each new shape compiles once.
+    """
+
+    def __init__(self, mask=lambda_mask, compiled=True, dynamic=False):
+        self.mask = mask
+        self.flex, self.block_mask = flex_attention, create_block_mask
+        if compiled:
+            self.flex = torch.compile(flex_attention, dynamic=dynamic)
+            self.block_mask = torch.compile(create_block_mask, dynamic=dynamic)
+
+    def __call__(self, q, k, v, theta, lam: LambdaConfig, q_pos, k_pos):
+        (H, T, D), S, n = q.shape, k.shape[1], q.shape[0] // k.shape[0]
+        mask_mod = lambda b, h, qi, ki: self.mask(q_pos[qi], k_pos[ki], lam)
+        block_mask = self.block_mask(mask_mod, None, None, T, S, device=q.device)
+        is_start = k_pos < lam.n_global
+        score_mod = None
+        if is_start.any():
+            rank = is_start.cumsum(0) - 1  # the row of each starting key in the table
+            q_far = rope(q, rope_angles(lam.d_max - q_pos, D, theta)).view(-1, n, T, D)  # rotated to d_max
+            k_start = rope(k[:, is_start], rope_angles(-k_pos[is_start], D, theta))  # rotated back to 0
+            table = (q_far.float() @ k_start.float()[:, None].transpose(-1, -2)).view(H, T, -1) / math.sqrt(D)
+
+            def score_mod(score, b, h, qi, ki):
+                far = (k_pos[ki] < lam.n_global) & (q_pos[qi] - k_pos[ki] > lam.d_max)
+                return torch.where(far, table[h, qi, rank[ki].clamp(min=0)], score)
+
+        out = self.flex(q[None], k[None], v[None], score_mod=score_mod, block_mask=block_mask, enable_gqa=True)
+        return out[0]
+
+
+def blocks(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False, most=BLOCK, cpu_kernel=True):
+    """The block-loop backend: the queries still inside the first window take one causal call (Λ attention is
+    exactly causal attention there), the others go through lambda_attention.
+
+    most: the largest block of queries; cpu_kernel=False takes the written-out path that devices other than
+    the CPU take (tests run both on the CPU).
+    """
+    m = int((q_pos < lam.n_local).sum())  # queries still inside the first window
+    out = lambda_attention(q[:, m:], k, v, theta, lam, q_pos[m:], k_pos, top_k, most, cpu_kernel)
+    if m == 0:
+        return out
+    # Those m do plain causal attention over positions 0..S-1: no cache has wrapped yet, so these keys
+    # come first and in order.
+    S = int(q_pos[m - 1]) + 1
+    if not torch.equal(k_pos[:S], torch.arange(S, device=k_pos.device)):
+        raise ValueError("queries inside the first window need keys 0..S-1 first and in order")
+    return torch.cat([attention(q[:, :m], k[:, :S], v[:, :S], theta, None, q_pos[:m], k_pos[:S]), out], dim=1)
+
+
+def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False, most=BLOCK, cpu_kernel=True):
     """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory, a block of queries at a time.
 
     A query's logits fall into groups that share one softmax: the local band (its L most recent keys, at
@@ -91,7 +152,7 @@ def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=Fals
     # q_i and k_j are rotated by i and j, so their product is the logit at i - j. Past d_max, the paper's
     # trick: the query rotated to d_max and the key rotated back to 0 give the logit at exactly d_max.
     q_far, k_start0 = rope(q, rope_angles(d_max - q_pos, D, theta)), rope(k_start, rope_angles(-jg[0], D, theta))
-    out, block = torch.empty_like(q), min(BLOCK, max(64, L // 32))  # edges grow with the block: keep it well below L
+    out, block = torch.empty_like(q), min(most, max(64, L // 32))  # edges grow with the block: keep it well below L
     for a in range(0, T, block):
         B = min(block, T - a)
         i = q_pos[a:a + B][:, None]  # (B, 1)
@@ -106,7 +167,7 @@ def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=Fals
         start.masked_fill_(dg < L, -math.inf)  # inside the window they are band keys
         groups = [(edges, v[:, edge][:, None]), (start, v_start[:, None])]  # (logits (H_kv, n, B, *), values)
         groups += [top_k_middle(qb, k, v, theta, lam, int(i), k_pos)] if top_k else []
-        band = [attend(q[:, a:a + B], keys_at(k, full), keys_at(v, full))] if full.any() else []
+        band = [attend(q[:, a:a + B], keys_at(k, full), keys_at(v, full), cpu_kernel)] if full.any() else []
         out[:, a:a + B] = merged([(o.view(H_kv, n, B, D), lse.view(H_kv, n, B)) for o, lse in band], groups).reshape(H, B, D)
     return out
 
@@ -134,23 +195,34 @@ def keys_at(x, where):
     return x[:, int(idx[0]):int(idx[-1]) + 1] if int(idx[-1] - idx[0]) + 1 == len(idx) else x[:, idx]
 
 
-def attend(q, k, v):
+def attend(q, k, v, cpu_kernel=True):
     """Softmax attention of q (H, T, D) over all of k, v (H_kv, S, D), and the log-sum-exp of each row's logits:
     outputs (H, T, D), lse (H, T) in float32.
 
-    On CPU, torch's fused flash kernel returns the log-sum-exp it computes anyway; elsewhere it is written
-    out (tests/test_lambda.py checks that both agree). The query heads that share a key/value head are
-    stacked along the query axis, so no key is copied.
+    On CPU through cpu_flash_attention; elsewhere (or cpu_kernel=False) written out. The query heads that
+    share a key/value head are stacked along the query axis, so no key is copied.
     """
     (H, T, D), H_kv = q.shape, k.shape[0]
     q = q.reshape(H_kv, H // H_kv * T, D)
-    if FUSED_CPU and q.device.type == "cpu":
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], scale=D ** -0.5)
+    if cpu_kernel and q.device.type == "cpu":
+        o, lse = cpu_flash_attention(q, k, v)
     else:
         s = (q @ k.transpose(1, 2)).float() / math.sqrt(D)  # (H_kv, H/H_kv*T, S)
         lse = s.logsumexp(-1)
         o = (s - lse[..., None]).exp().to(v.dtype) @ v
     return o.reshape(H, T, D), lse.reshape(H, T)
+
+
+def cpu_flash_attention(q, k, v, causal=False):
+    """Outputs (H, T, D) and log-sum-exps (H, T) of softmax attention, H heads of q, k, v each, on CPU.
+
+    A private torch op, on purpose: it is the only fused CPU attention kernel that also returns the
+    log-sum-exp, which merged() needs to join partial softmaxes (SDPA does not return it, and compiled
+    flex_attention refuses return_lse on CPU). tests/test_backends.py fails clearly if torch drops it.
+    """
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q[None], k[None], v[None], is_causal=causal, scale=q.shape[-1] ** -0.5)[:2]
+    return o[0], lse[0]
 
 
 def top_k_middle(qb, k, v, theta, lam: LambdaConfig, i, k_pos):
@@ -230,8 +302,9 @@ class LambdaCache:
         return torch.where(positions < G, positions, G + (positions - G) % L)
 
     def kept(self, positions):
-        """Of a chunk's positions, those still in the cache after it: the starting ones and the last L."""
-        return (positions < self.lam.n_global) | (positions > positions[-1] - self.lam.n_local)
+        """Of a chunk's positions, those still in the cache after it: the ones its last query sees under the
+        Λ mask (the starting ones and the last L). Every later query sees no others."""
+        return lambda_mask(positions[-1], positions, self.lam)
 
     def update(self, layer, k, v):
         """Store this chunk's (H_kv, T, D) keys/values; return the keys, values and positions to attend over.
@@ -287,7 +360,8 @@ def new_cache(cfg: LlamaConfig, lam: LambdaConfig | None = None):
 
 
 def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | LambdaCache | None = None,
-            lam: LambdaConfig | None = None, last_only=False, hidden_only=False, decoding=False, probe=None):
+            lam: LambdaConfig | None = None, last_only=False, hidden_only=False, decoding=False, probe=None,
+            backend=None):
     """Logits (T, V) for token ids (T,), which follow the cache's positions if a cache is given.
 
     lam: Λ attention (LM-Infinite) instead of full causal attention (a LambdaCache needs it).
@@ -295,6 +369,7 @@ def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | LambdaCache | No
     hidden_only: the final normalised hidden states (T, C) instead; lm_head() turns any slice of them into logits.
     decoding: one generated token, which also sees the top-k middle keys if lam asks for them (paper §4).
     probe: called as probe(layer, q, k) with this chunk's rotated queries and keys (how diagnose.py looks inside).
+    backend: how Λ attention is computed (see attention; pick_backend(device) chooses it once); None: blocks.
     """
     w = weights
     H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -320,7 +395,7 @@ def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | LambdaCache | No
             probe(layer, q, k)
         k, v, k_pos = cache.update(layer, k, v) if cache is not None else (k, v, q_pos)  # (H_kv, S, D), (S,)
         top_k = decoding and lam is not None and lam.top_k > 0 and layer >= lam.top_k_from_layer
-        a = attention(q, k, v, cfg.rope_theta, lam, q_pos, k_pos, top_k).transpose(0, 1).reshape(T, H * D)  # (T, H*D)
+        a = attention(q, k, v, cfg.rope_theta, lam, q_pos, k_pos, top_k, backend).transpose(0, 1).reshape(T, H * D)  # (T, H*D)
         x = x + a @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         x = x + (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T

@@ -6,6 +6,7 @@ Weights are a dict keyed by the checkpoint's own tensor names. Written to be rea
 import numpy as np
 
 from .config import LlamaConfig
+from .mask import effective_distance, lambda_mask
 
 
 def rms_norm(x, weight, eps):
@@ -40,36 +41,23 @@ def softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def lambda_mask(T, lam):
-    """(T, T) bool: key j is visible to query i iff j <= i and (i - j < L or j < G). Causal if lam is None."""
-    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
-    if lam is None:
-        return j <= i
-    return (j <= i) & ((i - j < lam.n_local) | (j < lam.n_global))
-
-
-def effective_distance(T, lam):
-    """(T, T) int: the distance each pair is scored at, min(i - j, d_max); just i - j if lam is None."""
-    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
-    return i - j if lam is None else np.minimum(i - j, lam.d_max)
-
-
-def attention_weights(q, k, theta, lam=None, top_k_rows=()):
+def attention_weights(q, k, theta, lam=None, top_k_rows=(), mask=lambda_mask, distance=effective_distance):
     """Λ attention probabilities (DESIGN.md §1), (H, T, T), of T queries over the same T positions.
 
     q, k: (H, T, D), NOT rotated. Every visible pair is scored at its effective distance:
     s(i, j) = <rot(q_i, δ(i, j)), k_j> / sqrt(D). With δ = i - j this is ordinary RoPE, which depends
     only on the difference of positions. One softmax over each row's visible keys, starting and local together.
     top_k_rows: rows that also see, per head, the lam.top_k middle keys with the largest logits at lam.top_k_distance.
+    mask, distance: functions of (i, j, lam) in place of lambda_mask and effective_distance (the exercises' answers).
     """
     H, T, D = q.shape
-    delta = effective_distance(T, lam)  # (T, T)
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]  # query and key positions
+    delta = distance(i, j, lam)  # (T, T)
     angles = rope_angles(delta.reshape(-1), D, theta).reshape(T, T, D // 2)
     q_at = rope(q[:, :, None, :], angles)  # (H, T, T, D): q_i rotated by δ(i, j)
     scores = np.einsum("hijd,hjd->hij", q_at, k) / np.sqrt(D)  # (H, T, T)
-    visible = np.broadcast_to(lambda_mask(T, lam), (H, T, T)).copy()
+    visible = np.broadcast_to(mask(i, j, lam), (H, T, T)).copy()
     if len(top_k_rows) and lam.top_k:  # paper §4: middle keys (G <= j, i - j >= L), per head, by logit at one distance
-        i, j = np.arange(T)[:, None], np.arange(T)[None, :]
         middle = (j >= lam.n_global) & (i - j >= lam.n_local)  # (T, T)
         q_mid = rope(q, rope_angles(np.full(T, lam.top_k_distance), D, theta))  # (H, T, D): q_i rotated by the distance
         mid_scores = np.where(middle, q_mid @ k.transpose(0, 2, 1) / np.sqrt(D), -np.inf)  # (H, T, T)
@@ -80,19 +68,20 @@ def attention_weights(q, k, theta, lam=None, top_k_rows=()):
     return softmax(np.where(visible, scores, -np.inf))
 
 
-def attention(q, k, v, theta, lam=None, top_k_rows=()):
+def attention(q, k, v, theta, lam=None, top_k_rows=(), mask=lambda_mask, distance=effective_distance):
     """(H, T, D): each query's probability-weighted sum of values. q, k, v: (H, T, D), q and k not rotated."""
-    return attention_weights(q, k, theta, lam, top_k_rows) @ v
+    return attention_weights(q, k, theta, lam, top_k_rows, mask, distance) @ v
 
 
 def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def forward(weights, cfg: LlamaConfig, tokens, lam=None, decoding_from=None):
+def forward(weights, cfg: LlamaConfig, tokens, lam=None, decoding_from=None, mask=lambda_mask, distance=effective_distance):
     """Logits (T, V) for a sequence of token ids (T,), with Λ attention if lam (a LambdaConfig) is given.
 
     decoding_from: tokens from this position on are generated ones, which see top-k middle keys if lam asks.
+    mask, distance: as in attention_weights.
     """
     w = {name: np.asarray(t, dtype=np.float64) for name, t in weights.items()}
     H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -106,7 +95,7 @@ def forward(weights, cfg: LlamaConfig, tokens, lam=None, decoding_from=None):
         v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(T, H_kv, D).transpose(1, 0, 2)  # (H_kv, T, D)
         k, v = repeat_kv(k, H // H_kv), repeat_kv(v, H // H_kv)  # (H, T, D)
         rows = range(decoding_from, T) if decoding_from is not None and lam.top_k and layer >= lam.top_k_from_layer else ()
-        a = attention(q, k, v, cfg.rope_theta, lam, rows).transpose(1, 0, 2).reshape(T, H * D)  # (T, H*D)
+        a = attention(q, k, v, cfg.rope_theta, lam, rows, mask, distance).transpose(1, 0, 2).reshape(T, H * D)  # (T, H*D)
         x = x + a @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T  # (T, F)

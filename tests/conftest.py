@@ -2,6 +2,7 @@
 import io
 import json
 import random
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
+THETA = 1e4  # the RoPE base of the random attention tests
 BOTCHAN = ROOT.parent / "shared" / "data" / "botchan.txt"
 
 
@@ -92,3 +94,22 @@ def pytest_addoption(parser):
     parser.addoption("--attempted", action="store_true",
                      help="exercises still raising NotImplementedError fail instead of being skipped (docs/exercises.md)")
     parser.addoption("--answers", default=None, help="check the exercises in this file instead of lminf_min/exercises.py")
+
+
+def rand(shape, seed, scale=1.0):
+    return scale * np.random.default_rng(seed).standard_normal(shape)
+
+
+def backends():
+    """Every Λ backend, run through the same property tests: the block loop with torch's fused CPU kernel,
+    the same loop written out (what it does off the CPU), and FlexAttention eager (compiled:
+    tests/test_backends.py)."""
+    from lminf_min import model
+    return {
+        "blocks": model.blocks,
+        "blocks written out": partial(model.blocks, cpu_kernel=False),
+        "flex eager": model.Flex(compiled=False),
+    }
+
+
+BACKENDS = backends()

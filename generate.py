@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import weights as ckpts
-from lminf_min import model
+from lminf_min import caches, model
 from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
 from lminf_min.tokenizer import Tokenizer
 
@@ -116,16 +116,16 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla
     if lam is None and len(ids) > cfg.max_position_embeddings:
         print(f"warning: the prompt has {len(ids)} tokens, more than the {cfg.max_position_embeddings} this model was "
               "trained on; full attention degrades past that length (drop --vanilla for LM-Infinite)", file=sys.stderr)
-    cache = model.new_cache(cfg, lam)
+    cache = caches.new_cache(cfg, lam)
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * weights["model.norm.weight"].element_size()  # keys, values
     grown = 2 * (len(ids) + max_new_tokens) * per_token  # the buffers double when full
     free = available_memory() if device == "cpu" else torch.cuda.mem_get_info()[0]
-    if isinstance(cache, model.KVCache) and free is not None and grown > free:
+    if isinstance(cache, caches.KVCache) and free is not None and grown > free:
         raise UserError(f"the prompt has {len(ids)} tokens: a full KV cache for them needs {grown / 2**30:.1f} GiB, more than the "
                         f"{free / 2**30:.1f} GiB available; drop --vanilla and --top-k-middle (LM-Infinite's cache is bounded) or shorten the prompt")
     generator = torch.Generator().manual_seed(seed)
     backend = model.pick_backend(device)  # Λ attention: FlexAttention on CUDA, the block loop on CPU
-    cache_is_bounded = isinstance(cache, model.LambdaCache)
+    cache_is_bounded = isinstance(cache, caches.LambdaCache)
     t0 = time.perf_counter()
     logits = prefill(weights, cfg, torch.tensor(ids, device=device), cache, lam, backend)
     t1 = time.perf_counter()

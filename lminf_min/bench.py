@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from generate import decode_one_token, load_model, peak_memory_mb, prefill, read_prompt
-from lminf_min import model
+from lminf_min import caches, model
 from lminf_min.eval import writable
 from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
 from lminf_min.tokenizer import Tokenizer
@@ -100,7 +100,7 @@ def prefill_cmd(ckpt, text, lengths, json_out, device, dtype):
         raise UserError(f"{text} holds only {len(ids)} tokens; pass a longer text or smaller --lengths")
     ids, hf, lam, rows = torch.tensor(ids, device=device), hf_model(ckpt, device, dtype), LambdaConfig.for_model(cfg), []
     backend = model.pick_backend(device)
-    ours = lambda T: prefill(w, cfg, ids[:T], model.new_cache(cfg, lam), lam, backend)
+    ours = lambda T: prefill(w, cfg, ids[:T], caches.new_cache(cfg, lam), lam, backend)
     theirs = lambda T: hf(ids[None, :T], logits_to_keep=1)
     ours(2048), theirs(2048)  # warm-up: first calls pay for allocations and kernel choice
     for T in lengths:
@@ -125,7 +125,7 @@ def prefill_flops(cfg, T, lam):
 
 def filled_cache(cfg, lam, context, device, dtype):
     """Our cache as if `context` tokens had been read, with random keys and values (what they hold does not change the cost)."""
-    cache, H_kv, D = model.new_cache(cfg, lam), cfg.num_key_value_heads, cfg.head_dim
+    cache, H_kv, D = caches.new_cache(cfg, lam), cfg.num_key_value_heads, cfg.head_dim
     pos = torch.arange(context)
     n = context if lam is None else cache.pos.shape[0]
     if lam is not None:
@@ -164,7 +164,7 @@ def stream(ckpt, tokens, chunk, json_out, device, dtype):
     writable(json_out)
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     lam, rows, g = LambdaConfig.for_model(cfg), [], torch.Generator().manual_seed(0)
-    cache, step, backend = model.new_cache(cfg, lam), max(tokens // 10, chunk), model.pick_backend(device)
+    cache, step, backend = caches.new_cache(cfg, lam), max(tokens // 10, chunk), model.pick_backend(device)
     for start in range(0, tokens, step):
         t0 = clock()
         for a in range(start, min(start + step, tokens), chunk):
@@ -177,7 +177,7 @@ def stream(ckpt, tokens, chunk, json_out, device, dtype):
 
 def ours(weights, cfg, ids, new_tokens, lam):
     """Seconds for prefill and for new_tokens greedy decode steps (no stop at end-of-text), and the tokens."""
-    cache, out, backend = model.new_cache(cfg, lam), [], model.pick_backend(ids.device)
+    cache, out, backend = caches.new_cache(cfg, lam), [], model.pick_backend(ids.device)
     t0 = clock()
     logits = prefill(weights, cfg, ids, cache, lam, backend)
     t1 = clock()

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from generate import decode_one_token, load_model, peak_memory_mb, prefill, read_prompt
-from lminf_min import model
+from lminf_min import caches, model
 from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
 from lminf_min.tokenizer import Tokenizer
 
@@ -40,7 +40,7 @@ def stream_nll(weights, cfg, chunks, lam, backend=None):
     One pass through the cache (bounded for LM-Infinite): memory does not grow with the stream. Every
     logit is checked to be finite.
     """
-    cache, last, seen = model.new_cache(cfg, lam), None, 0  # last: log-probs after the previous chunk, for this chunk's first token
+    cache, last, seen = caches.new_cache(cfg, lam), None, 0  # last: log-probs after the previous chunk, for this chunk's first token
     for chunk in chunks:
         hidden = model.forward(weights, cfg, chunk, cache, lam=lam, hidden_only=True, backend=backend)  # (T, C)
         logp = torch.log_softmax(model.lm_head(weights, cfg, hidden), dim=-1)  # (T, V) float32
@@ -222,7 +222,7 @@ def passkey(ckpt, lengths, samples, depths, top_k_middle, top_k_from_layer, top_
         ids, key_at = passkey_prompt(tok, length, depth, key)
         ids = torch.tensor(ids, device=device)
         haystack, question = ids[:-n_question], ids[-n_question:]
-        cache = model.KVCache(cfg.num_hidden_layers)  # a full cache, so that top-k can reuse LM-Infinite's haystack
+        cache = caches.KVCache(cfg.num_hidden_layers)  # a full cache, so that top-k can reuse LM-Infinite's haystack
         prefill(w, cfg, haystack[:lam.n_local], cache)  # inside the first window Λ attention is causal attention: shared
         if length + ANSWER_TOKENS <= lam.n_local:  # every query inside the window: the three are one computation (T <= L)
             answers = dict.fromkeys(methods, greedy_answer(w, cfg, cache, question, None, vocab, backend))

@@ -240,130 +240,12 @@ def top_k_middle(qb, k, v, theta, lam: LambdaConfig, i, k_pos):
     return top, values
 
 
-class KVCache:
-    """Rotated keys and values of every position seen so far, per layer (full attention: grows without bound).
-
-    Stored in buffers that double when full, so appending one token does not copy the whole cache.
-    """
-
-    def __init__(self, n_layers):
-        self.k, self.v = [None] * n_layers, [None] * n_layers  # (H_kv, capacity, D) each
-        self.length = 0  # tokens seen: the position of the next one; forward() advances it after the last layer
-        self.origin = 0  # keys are rotated at (position - origin); it never moves here
-
-    def update(self, layer, k, v):
-        """Append this chunk's (H_kv, T, D) keys/values; return all keys, values (H_kv, S, D) and their positions (S,)."""
-        start, T = self.length, k.shape[1]
-        if self.k[layer] is None or start + T > self.k[layer].shape[1]:
-            capacity = max(2 * (start + T), 256)
-            self.k[layer], self.v[layer] = _grown(self.k[layer], k, start, capacity), _grown(self.v[layer], v, start, capacity)
-        self.k[layer][:, start:start + T], self.v[layer][:, start:start + T] = k, v
-        return self.k[layer][:, :start + T], self.v[layer][:, :start + T], torch.arange(start + T, device=k.device)
-
-    def advance(self, T):
-        self.length += T
-
-    def nbytes(self):
-        """Bytes of the keys and values stored (not of the spare capacity)."""
-        return sum(t[:, :self.length].numel() * t.element_size() for t in self.k + self.v if t is not None)
-
-
-def _grown(buffer, like, keep, capacity):
-    """A (H_kv, capacity, D) buffer holding the first `keep` positions of `buffer`."""
-    new = like.new_empty(like.shape[0], capacity, like.shape[2])
-    if buffer is not None:
-        new[:, :keep] = buffer[:, :keep]
-    return new
-
-
-class LambdaCache:
-    """LM-Infinite's bounded cache: keys and values of the first G positions and of the last L positions,
-    never more than G + L entries, so memory stays constant however long the stream.
-
-    That is all Λ attention ever reads: a token sees only the starting tokens and its L most recent
-    predecessors, so nothing else is needed again. Per layer: G slots for positions 0..G-1, never
-    evicted, then a ring of L slots, where position p >= G lives in slot G + (p - G) % L.
-    Keys are stored rotated at (position - origin). Logits depend only on differences of positions, so
-    when the stream passes origin + REBASE the origin moves up and the stored keys are rotated back by
-    the same amount: angles stay small however long the stream, and 10^9 tokens score like 10^4.
-    """
-    REBASE = 1 << 20
-    EMPTY = 1 << 62  # the position of an unfilled slot: after every query, so always masked
-
-    def __init__(self, n_layers, lam: LambdaConfig, theta):
-        self.lam, self.theta = lam, theta
-        self.k, self.v = [None] * n_layers, [None] * n_layers  # (H_kv, G + L, D) each
-        self.pos = torch.full((lam.n_global + lam.n_local,), self.EMPTY)  # absolute position held by each slot
-        self.length = 0  # tokens seen: the position of the next one; forward() advances it after the last layer
-        self.origin = 0
-
-    def slot(self, positions):
-        G, L = self.lam.n_global, self.lam.n_local
-        return torch.where(positions < G, positions, G + (positions - G) % L)
-
-    def kept(self, positions):
-        """Of a chunk's positions, those still in the cache after it: the ones its last query sees under the
-        Λ mask (the starting ones and the last L). Every later query sees no others."""
-        return lambda_mask(positions[-1], positions, self.lam)
-
-    def update(self, layer, k, v):
-        """Store this chunk's (H_kv, T, D) keys/values; return the keys, values and positions to attend over.
-
-        A single token is stored first: it overwrites position p - L at most, which it no longer sees. A
-        longer chunk would overwrite keys its own first tokens still see, so it is attended over together
-        with the cache (one copy), then stored.
-        """
-        T, n = k.shape[1], self.pos.shape[0]
-        filled = min(self.length, n)  # slots fill in order (slot = position) until the ring first wraps
-        if self.k[layer] is None:
-            self.k[layer], self.v[layer] = k.new_zeros(k.shape[0], n, k.shape[2]), v.new_zeros(v.shape[0], n, v.shape[2])
-        self.pos = self.pos.to(k.device)
-        positions = torch.arange(self.length, self.length + T, device=k.device)
-        keep = self.kept(positions)
-        slots = self.slot(positions[keep])
-        if T == 1:
-            self.k[layer][:, slots], self.v[layer][:, slots] = k, v
-            pos = self.pos.clone()
-            pos[slots] = positions
-            n = min(filled + 1, n)
-            return self.k[layer][:, :n], self.v[layer][:, :n], pos[:n]
-        keys, values = torch.cat([self.k[layer][:, :filled], k], dim=1), torch.cat([self.v[layer][:, :filled], v], dim=1)
-        self.k[layer][:, slots], self.v[layer][:, slots] = k[:, keep], v[:, keep]
-        return keys, values, torch.cat([self.pos[:filled], positions])
-
-    def advance(self, T):
-        positions = torch.arange(self.length, self.length + T, device=self.pos.device)
-        keep = self.kept(positions)
-        self.pos[self.slot(positions[keep])] = positions[keep]
-        self.length += T
-
-    def rebase(self, T):
-        """Before a chunk of T tokens: move the origin up if positions would pass origin + REBASE."""
-        if self.length + T - self.origin <= self.REBASE:
-            return
-        shift = torch.tensor([self.length - self.origin], device=self.pos.device)
-        for layer, k in enumerate(self.k):
-            if k is not None:
-                self.k[layer] = rope(k, rope_angles(-shift, k.shape[2], self.theta))
-        self.origin = self.length
-
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
-
-
-def new_cache(cfg: LlamaConfig, lam: LambdaConfig | None = None):
-    """The cache generation needs: bounded for LM-Infinite, growing for full attention and for top-k
-    middle tokens (which may pick any key, so none can be evicted)."""
-    if lam is None or lam.top_k:
-        return KVCache(cfg.num_hidden_layers)
-    return LambdaCache(cfg.num_hidden_layers, lam, cfg.rope_theta)
-
-
-def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | LambdaCache | None = None,
+def forward(weights, cfg: LlamaConfig, tokens, cache=None,
             lam: LambdaConfig | None = None, last_only=False, hidden_only=False, decoding=False, probe=None,
             backend=None):
     """Logits (T, V) for token ids (T,), which follow the cache's positions if a cache is given.
 
+    cache: a caches.KVCache or caches.LambdaCache, or None for a sequence on its own.
     lam: Λ attention (LM-Infinite) instead of full causal attention (a LambdaCache needs it).
     last_only: logits of the last token only, (1, V), which is all generation needs (skips most of the LM head).
     hidden_only: the final normalised hidden states (T, C) instead; lm_head() turns any slice of them into logits.
@@ -376,13 +258,9 @@ def forward(weights, cfg: LlamaConfig, tokens, cache: KVCache | LambdaCache | No
     T = tokens.shape[0]
     if decoding and T != 1:
         raise ValueError(f"decoding=True takes one token, not {T}")
-    if isinstance(cache, LambdaCache):
-        if cache.lam != lam:
-            raise ValueError(f"this LambdaCache was made for {cache.lam}, not for lam={lam}")
-        cache.rebase(T)
-    start, origin = (cache.length, cache.origin) if cache is not None else (0, 0)
+    start, origin = cache.begin(T, lam) if cache is not None else (0, 0)
     q_pos = torch.arange(start, start + T, device=tokens.device)
-    angles = rope_angles(q_pos - origin, D, cfg.rope_theta)  # (T, D/2): small angles, see LambdaCache
+    angles = rope_angles(q_pos - origin, D, cfg.rope_theta)  # (T, D/2): small angles, see caches.LambdaCache
     x = w["model.embed_tokens.weight"][tokens]  # (T, C)
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."

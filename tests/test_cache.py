@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import BACKENDS, random_weights, tiny_config
-from lminf_min import model, reference
+from lminf_min import caches, model, reference
 from lminf_min.config import LambdaConfig, LlamaConfig
 
 
@@ -26,7 +26,7 @@ def test_chunked_prefill_and_decode_equal_one_pass(G, L, extra, T, chunks, seed,
     tokens = torch.from_numpy(np.random.default_rng(seed).integers(0, config.vocab_size, T))
     w = {n: t.to(dtype) for n, t in w.items()}  # the definition gets the same (rounded) weights
     expected = reference.forward({n: t.float().numpy() for n, t in w.items()}, config, tokens.numpy(), lam)
-    cache, got, a = model.LambdaCache(config.num_hidden_layers, lam, config.rope_theta), [], 0
+    cache, got, a = caches.LambdaCache(config.num_hidden_layers, lam, config.rope_theta), [], 0
     for size in chunks + [1] * T:
         if a >= T:
             break
@@ -37,7 +37,9 @@ def test_chunked_prefill_and_decode_equal_one_pass(G, L, extra, T, chunks, seed,
         # exactly what the next query can still need: the starting tokens (never evicted) and the last L
         assert set(held.tolist()) == set(range(min(G, a))) | set(range(max(0, a - L), a))
     diff, scale = np.abs(torch.cat(got).numpy() - expected).max(), np.abs(expected).max()
-    tol = 1e-4 if dtype == torch.float32 else 0.05 * max(1, scale)  # bf16 matmuls through the layers: one pass is off as much
+    # bf16 through whole tiny models: plain causal attention is off its own float64 definition by up to
+    # 5.4% of the largest logit, so 10% here (as in test_lambda); float32 is the exact check
+    tol = 1e-4 if dtype == torch.float32 else 0.1 * max(1, scale)
     assert diff <= tol, f"max abs diff {diff:.3g} ({dtype}, largest logit {scale:.3g})"
 
 
@@ -48,7 +50,7 @@ def test_translation_far_into_the_stream():
     starting, window = torch.arange(3) + 5, torch.arange(40) % config.vocab_size
     logits = []
     for offset in (10**4, 10**8):
-        cache = model.LambdaCache(config.num_hidden_layers, lam, config.rope_theta)
+        cache = caches.LambdaCache(config.num_hidden_layers, lam, config.rope_theta)
         model.forward(w, config, starting, cache, lam)
         cache.length = offset  # jump: positions 3..offset-1 passed long ago and have left the window
         model.forward(w, config, window[:-1], cache, lam)
@@ -61,7 +63,7 @@ def test_translation_far_into_the_stream():
 def test_cache_memory_is_constant():
     config, w, _ = tiny(1)
     lam = LambdaConfig(2, 8, 8)
-    cache = model.LambdaCache(config.num_hidden_layers, lam, config.rope_theta)
+    cache = caches.LambdaCache(config.num_hidden_layers, lam, config.rope_theta)
     tokens = torch.randint(0, config.vocab_size, (300,), generator=torch.Generator().manual_seed(0))
     sizes = []
     for t in tokens:
@@ -79,8 +81,8 @@ def test_top_k_middle_decode_matches_definition(G, L, K, from_layer, distance, p
     lam = LambdaConfig(G, L, L, top_k=K, top_k_from_layer=from_layer, top_k_distance=distance)
     tokens = torch.from_numpy(np.random.default_rng(seed).integers(0, config.vocab_size, prompt + new))
     expected = reference.forward(w_np, config, tokens.numpy(), lam, decoding_from=prompt)
-    cache = model.new_cache(config, lam)
-    assert isinstance(cache, model.KVCache)  # top-k may pick any key: nothing is evicted
+    cache = caches.new_cache(config, lam)
+    assert isinstance(cache, caches.KVCache)  # top-k may pick any key: nothing is evicted
     got = [model.forward(w, config, tokens[:prompt], cache, lam)]
     got += [model.forward(w, config, tokens[t:t + 1], cache, lam, decoding=True) for t in range(prompt, prompt + new)]
     diff = np.abs(torch.cat(got).numpy() - expected).max()

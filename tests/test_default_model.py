@@ -4,7 +4,7 @@ import torch
 
 import generate
 import weights
-from lminf_min import model
+from lminf_min import caches, model
 from lminf_min.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -53,7 +53,7 @@ def test_greedy_continuation_matches_transformers(ours, hf_gguf, botchan):
     ids = tok.encode(botchan[3000:4000])[:200]
     with torch.no_grad():
         expected = hf_gguf[1].generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
-        cache = model.KVCache(config.num_hidden_layers)
+        cache = caches.KVCache(config.num_hidden_layers)
         logits, got = generate.prefill(w, config, torch.tensor(ids), cache), []
         for _ in range(32):
             got.append(generate.sample(logits, 0.0, None))

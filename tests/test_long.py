@@ -4,7 +4,7 @@ import torch
 
 import weights
 from generate import read_prompt
-from lminf_min import model
+from lminf_min import caches, model
 from lminf_min.config import LambdaConfig
 from lminf_min.tokenizer import Tokenizer
 
@@ -20,7 +20,7 @@ def test_20k_prompt_through_the_cache_equals_one_pass(default_ckpt, botchan):
     tokens = torch.tensor(Tokenizer(default_ckpt).encode(read_prompt(BOTCHAN))[:20000])
     assert len(tokens) == 20000
     one_pass = model.forward(w, config, tokens, lam=lam, hidden_only=True)  # (T, C): logits are made per slice below
-    cache, worst = model.new_cache(config, lam), 0.0
+    cache, worst = caches.new_cache(config, lam), 0.0
     for a in range(0, len(tokens), 1000):
         chunk = model.forward(w, config, tokens[a:a + 1000], cache, lam)
         worst = max(worst, float((chunk - model.lm_head(w, config, one_pass[a:a + 1000])).abs().max()))

@@ -8,7 +8,7 @@ import re
 from conftest import ROOT
 
 MAP = ROOT / "docs" / "paper_map.md"
-CODE_REF = re.compile(r"`([\w/.-]+\.py):([A-Za-z_][\w.]*)`")  # `lminf_min/model.py:LambdaCache.rebase`
+CODE_REF = re.compile(r"`([\w/.-]+\.py):([A-Za-z_][\w.]*)`")  # `lminf_min/caches.py:LambdaCache.rebase`
 TEST_REF = re.compile(r"`(tests/[\w/.-]+\.py)::([A-Za-z_]\w*)`")  # `tests/test_lambda.py::test_mask_row_counts`
 CLI_REF = re.compile(r"`python -m (lminf_min\.\w+)((?: [^`]*)?)`")  # `python -m lminf_min.eval ppl --vanilla`
 

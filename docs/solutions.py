@@ -1,7 +1,9 @@
 """Worked solutions to lminf_min/exercises.py (docs/exercises.md). Look only after trying.
 
-Check them as the tests check yours:  python -m pytest tests/test_exercises.py --answers docs/solutions.py
+Check them as the tests check yours: python -m pytest tests/test_exercises.py --answers
+docs/solutions.py
 """
+
 import numpy as np
 
 
@@ -18,14 +20,17 @@ def lambda_mask(i, j, n_global, n_local):
 
 
 def streaming_distance(T, n_global, n_local):
-    # The cache in front of query i holds the starting tokens 0..G-1 and the window i-L+1..i, numbered in order.
-    # A window key keeps its true distance i - j (the numbers between them are consecutive). The query is
-    # number min(i, G + L - 1) (the count of cached tokens before it) and a starting token j is number j, so a
-    # starting token that has left the window is scored at min(i, G + L - 1) - j: bounded, like LM-Infinite's.
+    # The cache in front of query i holds the starting tokens 0..G-1 and the window i-L+1..i,
+    # numbered in order. A window key keeps its true distance i - j (the numbers between them are
+    # consecutive). The query is number min(i, G + L - 1) (the count of cached tokens before it) and
+    # a starting token j is number j, so a starting token that has left the window is scored at
+    # min(i, G + L - 1) - j: bounded, like LM-Infinite's.
     i, j = _pairs(T)
     in_window = (j <= i) & (i - j < n_local)
     starting = (j <= i) & (j < n_global) & ~in_window
-    return np.where(in_window, i - j, np.where(starting, np.minimum(i, n_global + n_local - 1) - j, 0))
+    return np.where(
+        in_window, i - j, np.where(starting, np.minimum(i, n_global + n_local - 1) - j, 0)
+    )
 
 
 def dilated_mask(i, j, n_global, n_local, stride):

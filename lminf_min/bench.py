@@ -1,15 +1,20 @@
-"""Speed, measured side by side in one run (these machines are shared and noisy: only ratios mean much).
+"""Speed, measured side by side in one run (these machines are shared and noisy: only ratios mean
+much).
 
-    python -m lminf_min.bench generate --text FILE --prompt-tokens 16384 --new-tokens 64   # generate.py vs transformers
-    python -m lminf_min.bench attention --lengths 4096,16384     # Λ attention vs SDPA causal, random inputs
-    python -m lminf_min.bench prefill --text FILE --lengths 8192,32768   # prompt tokens/s vs transformers
-    python -m lminf_min.bench decode --contexts 4096,32768       # ms/token after a long context vs transformers
-    python -m lminf_min.bench stream --tokens 100000             # tokens/s and memory of a long stream through the cache
+    python -m lminf_min.bench generate --text FILE --prompt-tokens 16384 --new-tokens 64
+    python -m lminf_min.bench attention --lengths 4096,16384
+    python -m lminf_min.bench prefill --text FILE --lengths 8192,32768
+    python -m lminf_min.bench decode --contexts 4096,32768
+    python -m lminf_min.bench stream --tokens 100000
+
+generate: generate.py vs transformers; attention: Λ attention (both backends) vs SDPA causal on
+random inputs; prefill: prompt tokens/s vs transformers; decode: ms/token after a long context vs
+transformers; stream: tokens/s and memory of a long stream through the bounded cache.
 """
+
 import argparse
 import json
 import platform
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -18,8 +23,8 @@ import torch
 
 from generate import decode_one_token, load_model, peak_memory_mb, prefill, read_prompt
 from lminf_min import caches, model
-from lminf_min.eval import writable
 from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
+from lminf_min.eval import writable
 from lminf_min.tokenizer import Tokenizer
 
 
@@ -31,7 +36,8 @@ def clock():
 
 
 def best_ms(fn, repeat=3, warm_up=True):
-    """The fastest of `repeat` runs of fn(), in ms, after one warm-up run unless warm_up is False."""
+    """The fastest of `repeat` runs of fn(), in ms, after one warm-up run unless warm_up is
+    False."""
     if warm_up:
         fn()
     times = []
@@ -43,47 +49,97 @@ def best_ms(fn, repeat=3, warm_up=True):
 
 
 def report(title, rows, json_out, **meta):
-    """Print rows (dicts) as a markdown table under a title naming device, dtype and date; write them as JSON."""
-    meta |= {"threads": torch.get_num_threads(), "date": str(date.today()), "cpu": platform.processor() or platform.machine()}
+    """Print rows (dicts) as a markdown table under a title naming device, dtype and date; write
+    them as JSON."""
+    meta |= {
+        "threads": torch.get_num_threads(),
+        "date": str(date.today()),
+        "cpu": platform.processor() or platform.machine(),
+    }
     print(f"{title} ({', '.join(f'{k} {v}' for k, v in meta.items())})")
     print("| " + " | ".join(rows[0]) + " |\n" + "|---" * len(rows[0]) + "|")
     for r in rows:
-        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+        print(
+            "| "
+            + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values())
+            + " |"
+        )
     if json_out:
         Path(json_out).write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
 
 
 def hf_model(ckpt, device, dtype):
-    from transformers import LlamaForCausalLM  # imported here: the other sub-commands do not need it
-    return LlamaForCausalLM.from_pretrained(str(ckpt), dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device).eval()
+    from transformers import (
+        LlamaForCausalLM,
+    )  # imported here: the other sub-commands do not need it
+
+    return (
+        LlamaForCausalLM.from_pretrained(
+            str(ckpt), dtype=getattr(torch, dtype), attn_implementation="sdpa"
+        )
+        .to(device)
+        .eval()
+    )
 
 
 def lengths_arg(text):
     try:
         return [int(n) for n in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give token counts separated by commas, e.g. 4096,16384") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give token counts separated by commas, e.g. 4096,16384"
+        ) from None
 
 
 @torch.inference_mode()
 def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profile):
-    """One layer's attention on random inputs: both Λ backends (the block loop, compiled FlexAttention) against
-    SDPA with a causal mask. Flex's first call at each length compiles it (not timed)."""
+    """One layer's attention on random inputs: both Λ backends (the block loop, compiled
+    FlexAttention) against SDPA with a causal mask. Flex's first call at each length compiles it
+    (not timed)."""
     writable(json_out)
-    device = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    device = (
+        "cuda"
+        if device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if device == "auto"
+        else device
+    )
     H, H_kv, D = heads
     lam, rows, flex = LambdaConfig(n_global, n_local, n_local), [], model.Flex()
     for T in lengths:
         g = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (torch.randn(h, T, D, generator=g, device=device, dtype=getattr(torch, dtype)) for h in (H, H_kv, H_kv))
+        q, k, v = (
+            torch.randn(h, T, D, generator=g, device=device, dtype=getattr(torch, dtype))
+            for h in (H, H_kv, H_kv)
+        )
         pos = torch.arange(T, device=device)
-        causal = best_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True))
-        blocks_ms = best_ms(lambda: model.attention(q, k, v, 1e4, lam, pos, pos))  # as forward() calls it
+        causal = best_ms(
+            lambda: torch.nn.functional.scaled_dot_product_attention(
+                q[None], k[None], v[None], is_causal=True, enable_gqa=True
+            )
+        )
+        blocks_ms = best_ms(
+            lambda: model.attention(q, k, v, 1e4, lam, pos, pos)
+        )  # as forward() calls it
         flex_ms = best_ms(lambda: model.attention(q, k, v, 1e4, lam, pos, pos, backend=flex))
-        rows.append({"tokens": T, "SDPA causal ms": causal, "blocks ms": blocks_ms, "flex ms": flex_ms,
-                     "blocks / causal": blocks_ms / causal, "flex / causal": flex_ms / causal,
-                     "FLOPs Λ / causal": pairs(T, lam) / pairs(T, None)})
-    report(f"attention, heads {H}/{H_kv} x {D}, G={n_global} L={n_local}", rows, json_out, device=device, dtype=dtype)
+        rows.append(
+            {
+                "tokens": T,
+                "SDPA causal ms": causal,
+                "blocks ms": blocks_ms,
+                "flex ms": flex_ms,
+                "blocks / causal": blocks_ms / causal,
+                "flex / causal": flex_ms / causal,
+                "FLOPs Λ / causal": pairs(T, lam) / pairs(T, None),
+            }
+        )
+    report(
+        f"attention, heads {H}/{H_kv} x {D}, G={n_global} L={n_local}",
+        rows,
+        json_out,
+        device=device,
+        dtype=dtype,
+    )
     if profile:  # where one Λ call of the block loop at the last length spends its time
         with torch.profiler.profile() as prof:
             model.attention(q, k, v, 1e4, lam, pos, pos)
@@ -92,39 +148,77 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
 
 @torch.inference_mode()
 def prefill_cmd(ckpt, text, lengths, json_out, device, dtype):
-    """Prompt tokens/s: generate.py's prefill (LM-Infinite, bounded cache) against one transformers forward pass."""
+    """Prompt tokens/s: generate.py's prefill (LM-Infinite, bounded cache) against one transformers
+    forward pass."""
     writable(json_out)
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     ids = Tokenizer(ckpt).encode(read_prompt(text))
     if len(ids) < max(lengths):
-        raise UserError(f"{text} holds only {len(ids)} tokens; pass a longer text or smaller --lengths")
-    ids, hf, lam, rows = torch.tensor(ids, device=device), hf_model(ckpt, device, dtype), LambdaConfig.for_model(cfg), []
+        raise UserError(
+            f"{text} holds only {len(ids)} tokens; pass a longer text or smaller --lengths"
+        )
+    ids, hf, lam, rows = (
+        torch.tensor(ids, device=device),
+        hf_model(ckpt, device, dtype),
+        LambdaConfig.for_model(cfg),
+        [],
+    )
     backend = model.pick_backend(device)
     ours = lambda T: prefill(w, cfg, ids[:T], caches.new_cache(cfg, lam), lam, backend)
     theirs = lambda T: hf(ids[None, :T], logits_to_keep=1)
     ours(2048), theirs(2048)  # warm-up: first calls pay for allocations and kernel choice
     for T in lengths:
         a, b = (best_ms(lambda: f(T), repeat=1, warm_up=False) for f in (ours, theirs))
-        rows.append({"tokens": T, "ours tokens/s": 1000 * T / a, "transformers tokens/s": 1000 * T / b, "speedup": b / a,
-                     "FLOPs theirs / ours": prefill_flops(cfg, T, None) / prefill_flops(cfg, T, lam)})
-    report("prefill, the default model" if ckpt is None else f"prefill, {Path(ckpt).name}", rows, json_out, device=device, dtype=dtype)
+        rows.append(
+            {
+                "tokens": T,
+                "ours tokens/s": 1000 * T / a,
+                "transformers tokens/s": 1000 * T / b,
+                "speedup": b / a,
+                "FLOPs theirs / ours": prefill_flops(cfg, T, None) / prefill_flops(cfg, T, lam),
+            }
+        )
+    report(
+        "prefill, the default model" if ckpt is None else f"prefill, {Path(ckpt).name}",
+        rows,
+        json_out,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def pairs(T, lam):
-    """(query, key) pairs a T-token sequence attends: causal attention, or the Λ mask (DESIGN.md §1)."""
+    """(query, key) pairs a T-token sequence attends: causal attention, or the Λ mask (DESIGN.md
+    §1)."""
     i = torch.arange(T, dtype=torch.float64)
-    return float((i + 1 if lam is None else (i + 1).clamp(max=lam.n_local) + (i - lam.n_local + 1).clamp(0, lam.n_global)).sum())
+    return float(
+        (
+            i + 1
+            if lam is None
+            else (i + 1).clamp(max=lam.n_local) + (i - lam.n_local + 1).clamp(0, lam.n_global)
+        ).sum()
+    )
 
 
 def prefill_flops(cfg, T, lam):
-    """Multiply-add FLOPs of a T-token prompt: 2 per weight of the layers per token, and 4·H·D per layer for each
-    (query, key) pair attended (scores and values). Their ratio bounds the speedup of kernels equally fast."""
-    C, H, H_kv, D, F = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
-    return cfg.num_hidden_layers * (2 * T * (2 * C * H * D + 2 * C * H_kv * D + 3 * C * F) + 4 * H * D * pairs(T, lam))
+    """Multiply-add FLOPs of a T-token prompt: 2 per weight of the layers per token, and 4·H·D per
+    layer for each (query, key) pair attended (scores and values). Their ratio bounds the speedup of
+    kernels equally fast."""
+    C, H, H_kv, D, F = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+    )
+    return cfg.num_hidden_layers * (
+        2 * T * (2 * C * H * D + 2 * C * H_kv * D + 3 * C * F) + 4 * H * D * pairs(T, lam)
+    )
 
 
 def filled_cache(cfg, lam, context, device, dtype):
-    """Our cache as if `context` tokens had been read, with random keys and values (what they hold does not change the cost)."""
+    """Our cache as if `context` tokens had been read, with random keys and values (what they hold
+    does not change the cost)."""
     cache, H_kv, D = caches.new_cache(cfg, lam), cfg.num_key_value_heads, cfg.head_dim
     pos = torch.arange(context)
     n = context if lam is None else cache.pos.shape[0]
@@ -132,68 +226,140 @@ def filled_cache(cfg, lam, context, device, dtype):
         keep = cache.kept(pos)
         cache.pos[cache.slot(pos[keep])] = pos[keep]
     for layer in range(cfg.num_hidden_layers):
-        cache.k[layer], cache.v[layer] = (torch.randn(H_kv, n, D, device=device, dtype=dtype) for _ in "kv")
+        cache.k[layer], cache.v[layer] = (
+            torch.randn(H_kv, n, D, device=device, dtype=dtype) for _ in "kv"
+        )
     cache.length = context
     return cache
 
 
 @torch.inference_mode()
 def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
-    """ms per generated token after `context` tokens: ours (LM-Infinite's bounded cache) against transformers (full cache)."""
+    """ms per generated token after `context` tokens: ours (LM-Infinite's bounded cache) against
+    transformers (full cache)."""
     from transformers import DynamicCache
+
     writable(json_out)
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
-    hf, lam, rows, dt = hf_model(ckpt, device, dtype), LambdaConfig.for_model(cfg, n_local=n_local), [], getattr(torch, dtype)
+    hf, lam, rows, dt = (
+        hf_model(ckpt, device, dtype),
+        LambdaConfig.for_model(cfg, n_local=n_local),
+        [],
+        getattr(torch, dtype),
+    )
     token, backend = torch.tensor([42], device=device), model.pick_backend(device)
     for context in contexts:
         cache = filled_cache(cfg, lam, context, device, dtype=dt)
-        ours_ms = best_ms(lambda: decode_one_token(w, cfg, token, cache, lam, backend), repeat=tokens)
+        ours_ms = best_ms(
+            lambda: decode_one_token(w, cfg, token, cache, lam, backend), repeat=tokens
+        )
         hf_cache = DynamicCache(config=hf.config)
         for layer in range(cfg.num_hidden_layers):
-            hf_cache.update(*(torch.randn(1, cfg.num_key_value_heads, context, cfg.head_dim, device=device, dtype=dt) for _ in "kv"), layer)
-        theirs_ms = best_ms(lambda: hf(token[None], past_key_values=hf_cache, use_cache=True, logits_to_keep=1), repeat=tokens)
-        full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * dt.itemsize
-        rows.append({"context": context, "ours ms/token": ours_ms, "transformers ms/token": theirs_ms, "ours / transformers": ours_ms / theirs_ms,
-                     "ours KV MiB": cache.nbytes() / 2**20, "full KV MiB": full / 2**20})
-    report(f"decode, batch 1, G={lam.n_global} L={lam.n_local}, the fastest of --tokens steps", rows, json_out, device=device, dtype=dtype)
+            hf_cache.update(
+                *(
+                    torch.randn(
+                        1, cfg.num_key_value_heads, context, cfg.head_dim, device=device, dtype=dt
+                    )
+                    for _ in "kv"
+                ),
+                layer,
+            )
+        theirs_ms = best_ms(
+            lambda: hf(token[None], past_key_values=hf_cache, use_cache=True, logits_to_keep=1),
+            repeat=tokens,
+        )
+        full = (
+            2
+            * cfg.num_hidden_layers
+            * cfg.num_key_value_heads
+            * cfg.head_dim
+            * context
+            * dt.itemsize
+        )
+        rows.append(
+            {
+                "context": context,
+                "ours ms/token": ours_ms,
+                "transformers ms/token": theirs_ms,
+                "ours / transformers": ours_ms / theirs_ms,
+                "ours KV MiB": cache.nbytes() / 2**20,
+                "full KV MiB": full / 2**20,
+            }
+        )
+    report(
+        f"decode, batch 1, G={lam.n_global} L={lam.n_local}, the fastest of --tokens steps",
+        rows,
+        json_out,
+        device=device,
+        dtype=dtype,
+    )
 
 
 @torch.inference_mode()
 def stream(ckpt, tokens, chunk, json_out, device, dtype):
-    """Random tokens through LM-Infinite's bounded cache in chunks: tokens/s and peak memory per tenth of the stream."""
+    """Random tokens through LM-Infinite's bounded cache in chunks: tokens/s and peak memory per
+    tenth of the stream."""
     writable(json_out)
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     lam, rows, g = LambdaConfig.for_model(cfg), [], torch.Generator().manual_seed(0)
-    cache, step, backend = caches.new_cache(cfg, lam), max(tokens // 10, chunk), model.pick_backend(device)
+    cache, step, backend = (
+        caches.new_cache(cfg, lam),
+        max(tokens // 10, chunk),
+        model.pick_backend(device),
+    )
     for start in range(0, tokens, step):
         t0 = clock()
         for a in range(start, min(start + step, tokens), chunk):
-            ids = torch.randint(0, cfg.vocab_size, (min(chunk, tokens - a),), generator=g).to(device)
+            ids = torch.randint(0, cfg.vocab_size, (min(chunk, tokens - a),), generator=g).to(
+                device
+            )
             model.forward(w, cfg, ids, cache, lam, last_only=True, backend=backend)
         n = min(start + step, tokens) - start
-        rows.append({"tokens": f"{start}-{start + n}", "tokens/s": n / (clock() - t0), "peak MiB": round(peak_memory_mb(device))})
-    report(f"stream, G={lam.n_global} L={lam.n_local}, chunks of {chunk}", rows, json_out, device=device, dtype=dtype)
+        rows.append(
+            {
+                "tokens": f"{start}-{start + n}",
+                "tokens/s": n / (clock() - t0),
+                "peak MiB": round(peak_memory_mb(device)),
+            }
+        )
+    report(
+        f"stream, G={lam.n_global} L={lam.n_local}, chunks of {chunk}",
+        rows,
+        json_out,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def ours(weights, cfg, ids, new_tokens, lam):
-    """Seconds for prefill and for new_tokens greedy decode steps (no stop at end-of-text), and the tokens."""
+    """Seconds for prefill and for new_tokens greedy decode steps (no stop at end-of-text), and the
+    tokens."""
     cache, out, backend = caches.new_cache(cfg, lam), [], model.pick_backend(ids.device)
     t0 = clock()
     logits = prefill(weights, cfg, ids, cache, lam, backend)
     t1 = clock()
     for _ in range(new_tokens):
         out.append(int(logits.argmax()))
-        logits = decode_one_token(weights, cfg, torch.tensor(out[-1:], device=ids.device), cache, lam, backend)
+        logits = decode_one_token(
+            weights, cfg, torch.tensor(out[-1:], device=ids.device), cache, lam, backend
+        )
     return t1 - t0, clock() - t1, out
 
 
 def transformers_generate(ckpt, ids, new_tokens, dtype):
-    """Seconds for transformers' LlamaForCausalLM (SDPA attention, its own cache) to do the same, and its tokens."""
+    """Seconds for transformers' LlamaForCausalLM (SDPA attention, its own cache) to do the same,
+    and its tokens."""
     hf = hf_model(ckpt, ids.device, dtype)
     hf.generate(ids[None, :64], max_new_tokens=2, do_sample=False)  # warm-up, as ours() had
     t0 = clock()
-    out = hf.generate(ids[None], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1)
-    return clock() - t0, out[0, len(ids):].tolist()
+    out = hf.generate(
+        ids[None],
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+    )
+    return clock() - t0, out[0, len(ids) :].tolist()
 
 
 @torch.inference_mode()
@@ -204,19 +370,48 @@ def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     ids = Tokenizer(ckpt).encode(read_prompt(text))[:prompt_tokens]
     if len(ids) < prompt_tokens:
-        raise UserError(f"{text} holds only {len(ids)} tokens; pass a longer text or a smaller --prompt-tokens")
+        raise UserError(
+            f"{text} holds only {len(ids)} tokens; pass a longer text or a smaller --prompt-tokens"
+        )
     ids = torch.tensor(ids, device=device)
-    ours(w, cfg, ids[:64], 2, LambdaConfig.for_model(cfg))  # warm-up: first calls pay for allocations and kernel choice
+    ours(
+        w, cfg, ids[:64], 2, LambdaConfig.for_model(cfg)
+    )  # warm-up: first calls pay for allocations and kernel choice
     rows = []
-    for name, lam in (("lminf_min, LM-Infinite", LambdaConfig.for_model(cfg)), ("lminf_min, vanilla", None)):
+    for name, lam in (
+        ("lminf_min, LM-Infinite", LambdaConfig.for_model(cfg)),
+        ("lminf_min, vanilla", None),
+    ):
         pre, dec, toks = ours(w, cfg, ids, new_tokens, lam)
-        rows.append({"run": name, "seconds": pre + dec, "prefill_s": pre, "decode_ms_per_token": 1000 * dec / new_tokens, "tokens": toks})
+        rows.append(
+            {
+                "run": name,
+                "seconds": pre + dec,
+                "prefill_s": pre,
+                "decode_ms_per_token": 1000 * dec / new_tokens,
+                "tokens": toks,
+            }
+        )
     seconds, toks = transformers_generate(ckpt, ids, new_tokens, dtype)
-    rows.append({"run": "transformers, SDPA", "seconds": seconds, "prefill_s": None, "decode_ms_per_token": None, "tokens": toks})
+    rows.append(
+        {
+            "run": "transformers, SDPA",
+            "seconds": seconds,
+            "prefill_s": None,
+            "decode_ms_per_token": None,
+            "tokens": toks,
+        }
+    )
     base = rows[-1]["seconds"]
-    print(f"{len(ids)}-token prompt + {new_tokens} greedy tokens, {device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads), {dtype}, {date.today()}")
-    print("| run | total s | prefill s | decode ms/token | time vs transformers |\n|---|---|---|---|---|")
+    print(
+        f"{len(ids)}-token prompt + {new_tokens} greedy tokens, {device} "
+        f"({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads), {dtype}, {date.today()}"
+    )
+    print(
+        "| run | total s | prefill s | decode ms/token | time vs transformers "
+        "|\n|---|---|---|---|---|"
+    )
     for r in rows:
         pre = "" if r["prefill_s"] is None else f"{r['prefill_s']:.1f}"
         dec = "" if r["decode_ms_per_token"] is None else f"{r['decode_ms_per_token']:.0f}"
@@ -224,50 +419,133 @@ def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
     same = rows[1]["tokens"] == rows[2]["tokens"]
     print(f"vanilla and transformers chose the same {new_tokens} tokens: {same}")
     if json_out:
-        Path(json_out).write_text(json.dumps({"prompt_tokens": len(ids), "new_tokens": new_tokens, "device": device, "dtype": dtype,
-                                              "threads": torch.get_num_threads(), "date": str(date.today()), "rows": rows,
-                                              "vanilla_equals_transformers": same}, indent=1) + "\n")
+        Path(json_out).write_text(
+            json.dumps(
+                {
+                    "prompt_tokens": len(ids),
+                    "new_tokens": new_tokens,
+                    "device": device,
+                    "dtype": dtype,
+                    "threads": torch.get_num_threads(),
+                    "date": str(date.today()),
+                    "rows": rows,
+                    "vanilla_equals_transformers": same,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("generate", help="prompt + greedy continuation: generate.py's path (LM-Infinite, vanilla) vs transformers",
-                       formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "generate",
+        help="prompt + greedy continuation: generate.py (LM-Infinite, vanilla) vs transformers",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
     p.add_argument("--text", required=True, help="UTF-8 text whose first tokens are the prompt")
     p.add_argument("--prompt-tokens", type=int, default=16384, help="prompt length in tokens")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens generated after it")
     p.add_argument("--json", dest="json_out", help="write the table as JSON here")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
-    p = sub.add_parser("attention", help="one layer: Λ attention (block loop, FlexAttention) vs SDPA causal on random inputs", formatter_class=HelpFormatter)
-    p.add_argument("--lengths", type=lengths_arg, default=[4096, 16384], help="sequence lengths, comma-separated")
-    p.add_argument("--heads", type=lambda t: [int(n) for n in t.split(",")], default=[9, 3, 64],
-                   help="query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available"
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and activations",
+    )
+    p = sub.add_parser(
+        "attention",
+        help="one layer: Λ attention (block loop, FlexAttention) vs SDPA causal on random inputs",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "--lengths",
+        type=lengths_arg,
+        default=[4096, 16384],
+        help="sequence lengths, comma-separated",
+    )
+    p.add_argument(
+        "--heads",
+        type=lambda t: [int(n) for n in t.split(",")],
+        default=[9, 3, 64],
+        help="query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)",
+    )
     p.add_argument("--n-global", type=int, default=10, help="G: starting tokens")
     p.add_argument("--n-local", type=int, default=8192, help="L: the window, and d_max")
-    p.add_argument("--profile", action="store_true", help="then print torch.profiler's table for one Λ call at the last length")
-    p = sub.add_parser("prefill", help="prompt tokens/s: generate.py's prefill vs transformers", formatter_class=HelpFormatter)
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="then print torch.profiler's table for one Λ call at the last length",
+    )
+    p = sub.add_parser(
+        "prefill",
+        help="prompt tokens/s: generate.py's prefill vs transformers",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
     p.add_argument("--text", required=True, help="UTF-8 text whose first tokens are the prompts")
-    p.add_argument("--lengths", type=lengths_arg, default=[8192, 32768], help="prompt lengths, comma-separated")
-    p = sub.add_parser("decode", help="ms/token after a long context vs transformers (random cache contents)", formatter_class=HelpFormatter)
+    p.add_argument(
+        "--lengths", type=lengths_arg, default=[8192, 32768], help="prompt lengths, comma-separated"
+    )
+    p = sub.add_parser(
+        "decode",
+        help="ms/token after a long context vs transformers (random cache contents)",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
-    p.add_argument("--contexts", type=lengths_arg, default=[4096, 32768], help="context lengths, comma-separated")
-    p.add_argument("--tokens", type=int, default=8, help="decode steps timed per context (the fastest counts)")
-    p.add_argument("--n-local", type=int, help="L of our bounded cache (Llama-2's is 4096); default: the model's training length")
-    p = sub.add_parser("stream", help="tokens/s and memory of a long random stream through the bounded cache", formatter_class=HelpFormatter)
+    p.add_argument(
+        "--contexts",
+        type=lengths_arg,
+        default=[4096, 32768],
+        help="context lengths, comma-separated",
+    )
+    p.add_argument(
+        "--tokens", type=int, default=8, help="decode steps timed per context (the fastest counts)"
+    )
+    p.add_argument(
+        "--n-local",
+        type=int,
+        help="L of our bounded cache (Llama-2's is 4096); default: the model's training length",
+    )
+    p = sub.add_parser(
+        "stream",
+        help="tokens/s and memory of a long random stream through the bounded cache",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
     p.add_argument("--tokens", type=int, default=100000, help="stream length")
     p.add_argument("--chunk", type=int, default=1024, help="tokens per forward pass")
     for name in ("attention", "prefill", "decode", "stream"):
         p = sub.choices[name]
         p.add_argument("--json", dest="json_out", help="write the table as JSON here")
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
+        p.add_argument(
+            "--device",
+            default="auto",
+            choices=["auto", "cpu", "cuda"],
+            help="auto = cuda if available",
+        )
+        p.add_argument(
+            "--dtype",
+            default="float32",
+            choices=["float32", "bfloat16", "float16"],
+            help="weights and activations",
+        )
     args = vars(parser.parse_args(argv))
-    {"generate": generate, "attention": attention, "prefill": prefill_cmd, "decode": decode, "stream": stream}[args.pop("command")](**args)
+    {
+        "generate": generate,
+        "attention": attention,
+        "prefill": prefill_cmd,
+        "decode": decode,
+        "stream": stream,
+    }[args.pop("command")](**args)
 
 
 if __name__ == "__main__":

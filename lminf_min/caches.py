@@ -1,7 +1,8 @@
 """The KV caches generation reads: the full one (grows with the text) and LM-Infinite's bounded one.
 
-Both hold keys already rotated by RoPE; forward() asks begin() for the positions of a chunk, update()
-per layer for the keys to attend over, and advance() once the chunk has gone through every layer.
+Both hold keys already rotated by RoPE; forward() asks begin() for the positions of a chunk,
+update() per layer for the keys to attend over, and advance() once the chunk has gone through every
+layer.
 """
 
 import torch
@@ -12,27 +13,38 @@ from .model import rope, rope_angles
 
 
 class KVCache:
-    """Rotated keys and values of every position seen so far, per layer (full attention: grows without bound).
+    """Rotated keys and values of every position seen so far, per layer (full attention: grows
+    without bound).
 
     Stored in buffers that double when full, so appending one token does not copy the whole cache.
     """
 
     def __init__(self, n_layers):
         self.k, self.v = [None] * n_layers, [None] * n_layers  # (H_kv, capacity, D) each
-        self.length = 0  # tokens seen: the position of the next one; forward() advances it after the last layer
+        # tokens seen: the position of the next one; forward() advances it after the last layer
+        self.length = 0
         self.origin = 0  # keys are rotated at (position - origin); it never moves here
 
     def update(self, layer, k, v):
-        """Append this chunk's (H_kv, T, D) keys/values; return all keys, values (H_kv, S, D) and their positions (S,)."""
+        """Append this chunk's (H_kv, T, D) keys/values; return all keys, values (H_kv, S, D) and
+        their positions (S,)."""
         start, T = self.length, k.shape[1]
         if self.k[layer] is None or start + T > self.k[layer].shape[1]:
             capacity = max(2 * (start + T), 256)
-            self.k[layer], self.v[layer] = _grown(self.k[layer], k, start, capacity), _grown(self.v[layer], v, start, capacity)
-        self.k[layer][:, start:start + T], self.v[layer][:, start:start + T] = k, v
-        return self.k[layer][:, :start + T], self.v[layer][:, :start + T], torch.arange(start + T, device=k.device)
+            self.k[layer], self.v[layer] = (
+                _grown(self.k[layer], k, start, capacity),
+                _grown(self.v[layer], v, start, capacity),
+            )
+        self.k[layer][:, start : start + T], self.v[layer][:, start : start + T] = k, v
+        return (
+            self.k[layer][:, : start + T],
+            self.v[layer][:, : start + T],
+            torch.arange(start + T, device=k.device),
+        )
 
     def begin(self, T, lam):
-        """Before a chunk of T tokens: its first position and the origin keys are rotated from (always 0)."""
+        """Before a chunk of T tokens: its first position and the origin keys are rotated from
+        (always 0)."""
         return self.length, self.origin
 
     def advance(self, T):
@@ -40,7 +52,9 @@ class KVCache:
 
     def nbytes(self):
         """Bytes of the keys and values stored (not of the spare capacity)."""
-        return sum(t[:, :self.length].numel() * t.element_size() for t in self.k + self.v if t is not None)
+        return sum(
+            t[:, : self.length].numel() * t.element_size() for t in self.k + self.v if t is not None
+        )
 
 
 def _grown(buffer, like, keep, capacity):
@@ -52,24 +66,28 @@ def _grown(buffer, like, keep, capacity):
 
 
 class LambdaCache:
-    """LM-Infinite's bounded cache: keys and values of the first G positions and of the last L positions,
-    never more than G + L entries, so memory stays constant however long the stream.
+    """LM-Infinite's bounded cache: keys and values of the first G positions and of the last L
+    positions, never more than G + L entries, so memory stays constant however long the stream.
 
     That is all Λ attention ever reads: a token sees only the starting tokens and its L most recent
     predecessors, so nothing else is needed again. Per layer: G slots for positions 0..G-1, never
-    evicted, then a ring of L slots, where position p >= G lives in slot G + (p - G) % L.
-    Keys are stored rotated at (position - origin). Logits depend only on differences of positions, so
-    when the stream passes origin + REBASE the origin moves up and the stored keys are rotated back by
+    evicted, then a ring of L slots, where position p >= G lives in slot G + (p - G) % L. Keys are
+    stored rotated at (position - origin). Logits depend only on differences of positions, so when
+    the stream passes origin + REBASE the origin moves up and the stored keys are rotated back by
     the same amount: angles stay small however long the stream, and 10^9 tokens score like 10^4.
     """
+
     REBASE = 1 << 20
     EMPTY = 1 << 62  # the position of an unfilled slot: after every query, so always masked
 
     def __init__(self, n_layers, lam: LambdaConfig, theta):
         self.lam, self.theta = lam, theta
         self.k, self.v = [None] * n_layers, [None] * n_layers  # (H_kv, G + L, D) each
-        self.pos = torch.full((lam.n_global + lam.n_local,), self.EMPTY)  # absolute position held by each slot
-        self.length = 0  # tokens seen: the position of the next one; forward() advances it after the last layer
+        self.pos = torch.full(
+            (lam.n_global + lam.n_local,), self.EMPTY
+        )  # absolute position held by each slot
+        # tokens seen: the position of the next one; forward() advances it after the last layer
+        self.length = 0
         self.origin = 0
 
     def slot(self, positions):
@@ -77,21 +95,27 @@ class LambdaCache:
         return torch.where(positions < G, positions, G + (positions - G) % L)
 
     def kept(self, positions):
-        """Of a chunk's positions, those still in the cache after it: the ones its last query sees under the
-        Λ mask (the starting ones and the last L). Every later query sees no others."""
+        """Of a chunk's positions, those still in the cache after it: the ones its last query sees
+        under the Λ mask (the starting ones and the last L). Every later query sees no others."""
         return lambda_mask(positions[-1], positions, self.lam)
 
     def update(self, layer, k, v):
-        """Store this chunk's (H_kv, T, D) keys/values; return the keys, values and positions to attend over.
+        """Store this chunk's (H_kv, T, D) keys/values; return the keys, values and positions to
+        attend over.
 
-        A single token is stored first: it overwrites position p - L at most, which it no longer sees. A
-        longer chunk would overwrite keys its own first tokens still see, so it is attended over together
-        with the cache (one copy), then stored.
+        A single token is stored first: it overwrites position p - L at most, which it no longer
+        sees. A longer chunk would overwrite keys its own first tokens still see, so it is attended
+        over together with the cache (one copy), then stored.
         """
         T, n = k.shape[1], self.pos.shape[0]
-        filled = min(self.length, n)  # slots fill in order (slot = position) until the ring first wraps
+        filled = min(
+            self.length, n
+        )  # slots fill in order (slot = position) until the ring first wraps
         if self.k[layer] is None:
-            self.k[layer], self.v[layer] = k.new_zeros(k.shape[0], n, k.shape[2]), v.new_zeros(v.shape[0], n, v.shape[2])
+            self.k[layer], self.v[layer] = (
+                k.new_zeros(k.shape[0], n, k.shape[2]),
+                v.new_zeros(v.shape[0], n, v.shape[2]),
+            )
         self.pos = self.pos.to(k.device)
         positions = torch.arange(self.length, self.length + T, device=k.device)
         keep = self.kept(positions)
@@ -102,7 +126,10 @@ class LambdaCache:
             pos[slots] = positions
             n = min(filled + 1, n)
             return self.k[layer][:, :n], self.v[layer][:, :n], pos[:n]
-        keys, values = torch.cat([self.k[layer][:, :filled], k], dim=1), torch.cat([self.v[layer][:, :filled], v], dim=1)
+        keys, values = (
+            torch.cat([self.k[layer][:, :filled], k], dim=1),
+            torch.cat([self.v[layer][:, :filled], v], dim=1),
+        )
         self.k[layer][:, slots], self.v[layer][:, slots] = k[:, keep], v[:, keep]
         return keys, values, torch.cat([self.pos[:filled], positions])
 
@@ -113,8 +140,8 @@ class LambdaCache:
         self.length += T
 
     def begin(self, T, lam):
-        """Before a chunk of T tokens: its first position and the origin its keys are rotated from. The
-        origin moves up first if positions would pass origin + REBASE."""
+        """Before a chunk of T tokens: its first position and the origin its keys are rotated from.
+        The origin moves up first if positions would pass origin + REBASE."""
         if lam != self.lam:
             raise ValueError(f"this LambdaCache was made for {self.lam}, not for lam={lam}")
         if self.length + T - self.origin > self.REBASE:

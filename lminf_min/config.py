@@ -1,4 +1,5 @@
 """The model's shape, read from a checkpoint's config.json, and the project's error type."""
+
 import argparse
 import sys
 from dataclasses import MISSING, dataclass, fields
@@ -11,16 +12,17 @@ class UserError(Exception):
 @dataclass(frozen=True)
 class LlamaConfig:
     """Field names are the keys of a Hugging Face Llama config.json."""
-    vocab_size: int               # rows of the embedding and of the LM head
-    hidden_size: int              # d_model
-    intermediate_size: int        # SwiGLU hidden width
-    num_hidden_layers: int        # transformer blocks
-    num_attention_heads: int      # H, query heads
-    num_key_value_heads: int      # H_kv, key/value heads (GQA when < H)
-    head_dim: int                 # D, per-head width
+
+    vocab_size: int  # rows of the embedding and of the LM head
+    hidden_size: int  # d_model
+    intermediate_size: int  # SwiGLU hidden width
+    num_hidden_layers: int  # transformer blocks
+    num_attention_heads: int  # H, query heads
+    num_key_value_heads: int  # H_kv, key/value heads (GQA when < H)
+    head_dim: int  # D, per-head width
     max_position_embeddings: int  # L_pretrain, the length the model was trained on
-    rope_theta: float = 10000.0   # RoPE base: frequencies theta^(-2f/D)
-    rms_norm_eps: float = 1e-6    # epsilon inside RMSNorm
+    rope_theta: float = 10000.0  # RoPE base: frequencies theta^(-2f/D)
+    rms_norm_eps: float = 1e-6  # epsilon inside RMSNorm
     tie_word_embeddings: bool = False  # LM head shares the embedding matrix
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -29,59 +31,116 @@ class LlamaConfig:
     def from_dict(cls, d: dict) -> "LlamaConfig":
         """Validate a parsed config.json; refuse anything this forward pass does not compute."""
         if not isinstance(d, dict):
-            raise UserError("config.json: expected a JSON object; fix the file or re-convert the checkpoint")
+            raise UserError(
+                "config.json: expected a JSON object; fix the file or re-convert the checkpoint"
+            )
         if d.get("model_type", "llama") != "llama":
-            raise UserError(f"config.json: model_type {d['model_type']!r} is not supported; only Llama-architecture checkpoints are")
+            raise UserError(
+                f"config.json: model_type {d['model_type']!r} is not supported; only "
+                "Llama-architecture checkpoints are"
+            )
         unsupported = {  # key -> the only value we compute correctly
-            "rope_scaling": None, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
+            "rope_scaling": None,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "hidden_act": "silu",
+        }
         for key, ok in unsupported.items():
             if key in d and d[key] != ok:
-                raise UserError(f"config.json: {key}={d[key]!r} is not supported (only {ok!r}); use a plain Llama checkpoint")
+                raise UserError(
+                    f"config.json: {key}={d[key]!r} is not supported (only {ok!r}); use a plain "
+                    "Llama checkpoint"
+                )
         d = dict(d)
         rope = d.get("rope_parameters")  # transformers >= 5 nests rope_theta here
         if rope is not None:
             if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
-                raise UserError(f"config.json: rope_parameters={rope!r} is not supported (only rope_type 'default'); use a checkpoint without RoPE scaling")
+                raise UserError(
+                    f"config.json: rope_parameters={rope!r} is not supported (only rope_type "
+                    "'default'); use a checkpoint without RoPE scaling"
+                )
             d.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
-        if "head_dim" not in d and isinstance(d.get("hidden_size"), int) and isinstance(d.get("num_attention_heads"), int) and d["num_attention_heads"] > 0:
+        if (
+            "head_dim" not in d
+            and isinstance(d.get("hidden_size"), int)
+            and isinstance(d.get("num_attention_heads"), int)
+            and d["num_attention_heads"] > 0
+        ):
             d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
         d.setdefault("num_key_value_heads", d.get("num_attention_heads"))
-        if isinstance(d.get("eos_token_id"), list):  # some configs list several; the first one ends generation
+        if isinstance(
+            d.get("eos_token_id"), list
+        ):  # some configs list several; the first one ends generation
             d["eos_token_id"] = d["eos_token_id"][0] if d["eos_token_id"] else None
         kwargs = {}
         for f in fields(cls):
             if f.name not in d:
                 if f.default is MISSING:
-                    raise UserError(f"config.json: missing field {f.name!r}; add it or re-convert the checkpoint")
+                    raise UserError(
+                        f"config.json: missing field {f.name!r}; add it or re-convert the "
+                        "checkpoint"
+                    )
                 continue
             kwargs[f.name] = _checked(f.name, d[f.name], f.type)
         cfg = cls(**kwargs)
         if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise UserError(f"config.json: num_attention_heads={cfg.num_attention_heads} is not a multiple of num_key_value_heads={cfg.num_key_value_heads}; fix config.json")
+            raise UserError(
+                f"config.json: num_attention_heads={cfg.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={cfg.num_key_value_heads}; fix config.json"
+            )
         if cfg.head_dim % 2:
-            raise UserError(f"config.json: head_dim={cfg.head_dim} must be even for RoPE; fix config.json")
+            raise UserError(
+                f"config.json: head_dim={cfg.head_dim} must be even for RoPE; fix config.json"
+            )
         return cfg
 
 
 @dataclass(frozen=True)
 class LambdaConfig:
-    """LM-Infinite's knobs (DESIGN.md §1, paper §4). Vanilla attention is the absence of one (None)."""
+    """LM-Infinite's knobs (DESIGN.md §1, paper §4). Vanilla attention is the absence of one
+    (None)."""
+
     n_global: int  # G: the first G tokens stay visible to every later token ("starting tokens")
-    n_local: int   # L: each token sees the L most recent tokens, itself included
-    d_max: int     # D: no pair is scored at a relative distance larger than this
-    top_k: int = 0             # decoding tokens also see, per head, the top_k middle keys (G <= j, i - j >= L) ...
+    n_local: int  # L: each token sees the L most recent tokens, itself included
+    d_max: int  # D: no pair is scored at a relative distance larger than this
+    top_k: int = (
+        0  # decoding tokens also see, per head, the top_k middle keys (G <= j, i - j >= L) ...
+    )
     top_k_from_layer: int = 0  # ... in the layers from this one on ...
-    top_k_distance: int = 0    # ... scored at this distance (for_model's default: L // 2)
+    top_k_distance: int = 0  # ... scored at this distance (for_model's default: L // 2)
 
     @classmethod
-    def for_model(cls, cfg: LlamaConfig, n_global=10, n_local=None, d_max=None, top_k=0, top_k_from_layer=0, top_k_distance=None):
-        """The paper's defaults: G = 10, L = D = the length the model was trained on; no top-k middle tokens."""
+    def for_model(
+        cls,
+        cfg: LlamaConfig,
+        n_global=10,
+        n_local=None,
+        d_max=None,
+        top_k=0,
+        top_k_from_layer=0,
+        top_k_distance=None,
+    ):
+        """The paper's defaults: G = 10, L = D = the length the model was trained on; no top-k
+        middle tokens."""
         n_local = cfg.max_position_embeddings if n_local is None else n_local
-        return cls(n_global, n_local, n_local if d_max is None else d_max, top_k, top_k_from_layer,
-                   n_local // 2 if top_k_distance is None else top_k_distance)
+        return cls(
+            n_global,
+            n_local,
+            n_local if d_max is None else d_max,
+            top_k,
+            top_k_from_layer,
+            n_local // 2 if top_k_distance is None else top_k_distance,
+        )
 
     def __post_init__(self):
-        for name, least in (("n_global", 0), ("n_local", 1), ("d_max", 0), ("top_k", 0), ("top_k_from_layer", 0), ("top_k_distance", 0)):
+        for name, least in (
+            ("n_global", 0),
+            ("n_local", 1),
+            ("d_max", 0),
+            ("top_k", 0),
+            ("top_k_from_layer", 0),
+            ("top_k_distance", 0),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 flag = "--top-k-middle" if name == "top_k" else "--" + name.replace("_", "-")
@@ -89,7 +148,8 @@ class LambdaConfig:
 
 
 def _checked(name, value, type_):
-    """The value if it has the field's type (ints must be positive), else a UserError naming the field."""
+    """The value if it has the field's type (ints must be positive), else a UserError naming the
+    field."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if type_ is int:
         ok, want = number and isinstance(value, int) and value > 0, "a positive integer"
@@ -98,21 +158,29 @@ def _checked(name, value, type_):
     elif type_ is bool:
         ok, want = isinstance(value, bool), "true or false"
     else:  # int | None: a token id
-        ok, want = value is None or (number and isinstance(value, int) and value >= 0), "a token id or null"
+        ok, want = (
+            value is None or (number and isinstance(value, int) and value >= 0),
+            "a token id or null",
+        )
     if not ok:
-        raise UserError(f"config.json: field {name!r} is {value!r}, expected {want}; fix config.json")
+        raise UserError(
+            f"config.json: field {name!r} is {value!r}, expected {want}; fix config.json"
+        )
     return float(value) if type_ is float else value
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default, except where there is none (None): its help text says what happens."""
+    """--help shows each flag's default, except where there is none (None): its help text says what
+    happens."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
 def cli(main):
-    """Run a command-line entry point: a UserError becomes one line on stderr and exit code 2, not a traceback."""
+    """Run a command-line entry point: a UserError becomes one line on stderr and exit code 2, not a
+    traceback."""
+
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
@@ -125,4 +193,5 @@ def cli(main):
         except BrokenPipeError:  # the output was piped into e.g. `head`, which stopped reading
             sys.stderr.close()
             sys.exit(0)
+
     return run

@@ -1,9 +1,13 @@
-"""Look inside the model: attention entropy and the largest attention logits, vanilla vs LM-Infinite (paper §3's diagnosis).
+"""Look inside the model: attention entropy and the largest attention logits, vanilla vs LM-Infinite
+(paper §3's diagnosis).
 
-    python -m lminf_min.diagnose entropy --text FILE --tokens 12288 --png entropy.png   # entropy per layer vs position
-    python -m lminf_min.diagnose logits --text FILE --tokens 12288 --png logits.png     # largest logit vs distance
+    python -m lminf_min.diagnose entropy --text FILE --tokens 12288 --png entropy.png
+    python -m lminf_min.diagnose logits --text FILE --tokens 12288 --png logits.png
     python -m lminf_min.diagnose mask --length 24 --n-global 3 --n-local 6 --png mask.png
+
+entropy: attention entropy per layer against position; logits: the largest logit against distance.
 """
+
 import argparse
 import json
 import math
@@ -15,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from generate import load_model, read_prompt
-from lminf_min import mask as lmask, model
+from lminf_min import mask as lmask
+from lminf_min import model
 from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
 from lminf_min.eval import add_common_args, writable
 from lminf_min.tokenizer import Tokenizer
@@ -24,10 +29,12 @@ ROWS = 48  # query positions sampled, evenly spread
 
 
 def row_logits(q, k, i, theta, lam):
-    """Logits (H, i+1) of the query at position i over keys 0..i as the attention scores them, -inf where masked.
+    """Logits (H, i+1) of the query at position i over keys 0..i as the attention scores them, -inf
+    where masked.
 
-    q: (H, D) rotated at i; k: (H_kv, i+1, D) rotated at their positions; lam None = vanilla, else d_max >= L - 1. Starting tokens
-    beyond d_max are scored at d_max by rotating the query back by the excess (reference.py's way, not model.py's).
+    q: (H, D) rotated at i; k: (H_kv, i+1, D) rotated at their positions; lam None = vanilla, else
+    d_max >= L - 1. Starting tokens beyond d_max are scored at d_max by rotating the query back by
+    the excess (reference.py's way, not model.py's).
     """
     H, D = q.shape
     k = k.float().repeat_interleave(H // k.shape[0], dim=0)  # (H, i+1, D)
@@ -37,13 +44,16 @@ def row_logits(q, k, i, theta, lam):
     j = torch.arange(i + 1, device=q.device)
     far = j[(j < lam.n_global) & (i - j > lam.d_max)]
     if len(far):
-        q_at = model.rope(q.float()[:, None, :], model.rope_angles(-(i - far - lam.d_max), D, theta))  # (H, g, D)
+        q_at = model.rope(
+            q.float()[:, None, :], model.rope_angles(-(i - far - lam.d_max), D, theta)
+        )  # (H, g, D)
         s[:, far] = torch.einsum("hgd,hgd->hg", q_at, k[:, far]) / math.sqrt(D)
     return s.masked_fill(~((i - j < lam.n_local) | (j < lam.n_global)), -math.inf)
 
 
 def entropy(logits):
-    """Shannon entropy (nats) of softmax(logits) per row; masked (-inf) keys count as probability 0."""
+    """Shannon entropy (nats) of softmax(logits) per row; masked (-inf) keys count as probability
+    0."""
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
 
@@ -51,21 +61,31 @@ def entropy(logits):
 @torch.inference_mode()
 def probe_runs(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, take):
     """For vanilla and LM-Infinite: one forward pass over the text's first `tokens` tokens, calling
-    take(run, lam, layer, i, logits) for each layer and each of ROWS sampled query positions i (lam None: vanilla)."""
+    take(run, lam, layer, i, logits) for each layer and each of ROWS sampled query positions i (lam
+    None: vanilla)."""
     ckpt, cfg, w, device = load_model(ckpt, device, dtype)
     ids = Tokenizer(ckpt).encode(read_prompt(text))[:tokens]
     if len(ids) < ROWS:
         raise UserError(f"{text} holds only {len(ids)} tokens; the diagnosis needs at least {ROWS}")
     lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
     rows = np.linspace(len(ids) / ROWS, len(ids) - 1, ROWS).astype(int).tolist()
-    for run, l in (("vanilla", None), (f"LM-Infinite G={lam.n_global} L={lam.n_local} D={lam.d_max}", lam)):
-        bar = tqdm(total=cfg.num_hidden_layers, desc=run.split(" ")[0], unit="layer", file=sys.stderr)
+    for run, run_lam in (
+        ("vanilla", None),
+        (f"LM-Infinite G={lam.n_global} L={lam.n_local} D={lam.d_max}", lam),
+    ):
+        bar = tqdm(
+            total=cfg.num_hidden_layers, desc=run.split(" ")[0], unit="layer", file=sys.stderr
+        )
 
         def probe(layer, q, k):
             for i in rows:
-                take(run, l, layer, i, row_logits(q[:, i], k[:, :i + 1], i, cfg.rope_theta, l))
+                rl = row_logits(q[:, i], k[:, : i + 1], i, cfg.rope_theta, run_lam)
+                take(run, run_lam, layer, i, rl)
             bar.update()
-        model.forward(w, cfg, torch.tensor(ids, device=device), lam=l, hidden_only=True, probe=probe)
+
+        model.forward(
+            w, cfg, torch.tensor(ids, device=device), lam=run_lam, hidden_only=True, probe=probe
+        )
         bar.close()
     return rows, lam, cfg
 
@@ -73,14 +93,24 @@ def probe_runs(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, take
 def entropy_cmd(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, png, json_out):
     writable(json_out)
     found = {}  # run -> (layers, rows) mean entropy over heads
-    take = lambda run, lam, layer, i, logits: found.setdefault(run, {}).setdefault(layer, []).append(float(entropy(logits).mean()))
+    take = lambda run, lam, layer, i, logits: (
+        found.setdefault(run, {}).setdefault(layer, []).append(float(entropy(logits).mean()))
+    )
     rows, lam, cfg = probe_runs(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, take)
     bound = math.log(lam.n_global + lam.n_local)
-    result = {"positions": rows, "bound_ln_G_plus_L": bound, "window": lam.n_local,
-              "entropy": {run: [layers[n] for n in sorted(layers)] for run, layers in found.items()}}
+    result = {
+        "positions": rows,
+        "bound_ln_G_plus_L": bound,
+        "window": lam.n_local,
+        "entropy": {run: [layers[n] for n in sorted(layers)] for run, layers in found.items()},
+    }
     for run, per_layer in result["entropy"].items():
-        print(f"{run}: mean entropy over layers at positions {rows[0]}, {rows[ROWS // 2]}, {rows[-1]}: "
-              + ", ".join(f"{np.mean([e[r] for e in per_layer]):.2f}" for r in (0, ROWS // 2, -1)) + f" nats (ln(G+L) = {bound:.2f})")
+        print(
+            f"{run}: mean entropy over layers at positions {rows[0]}, {rows[ROWS // 2]}, "
+            f"{rows[-1]}: "
+            + ", ".join(f"{np.mean([e[r] for e in per_layer]):.2f}" for r in (0, ROWS // 2, -1))
+            + f" nats (ln(G+L) = {bound:.2f})"
+        )
     save(result, json_out, png, lambda ax: plot_entropy(ax, result))
 
 
@@ -88,33 +118,69 @@ def plot_entropy(ax, result):
     for (run, per_layer), color in zip(result["entropy"].items(), ("#d1492e", "#3b75af")):
         e = np.array(per_layer)  # (layers, rows)
         ax.plot(result["positions"], e.mean(0), color=color, lw=2, label=f"{run}: mean over layers")
-        ax.fill_between(result["positions"], e.min(0), e.max(0), color=color, alpha=0.15, label=f"{run.split(' ')[0]}: range over layers")
-    ax.axhline(result["bound_ln_G_plus_L"], color="k", ls="--", lw=1, label="ln(G + L): the most a Λ row can reach")
+        ax.fill_between(
+            result["positions"],
+            e.min(0),
+            e.max(0),
+            color=color,
+            alpha=0.15,
+            label=f"{run.split(' ')[0]}: range over layers",
+        )
+    ax.axhline(
+        result["bound_ln_G_plus_L"],
+        color="k",
+        ls="--",
+        lw=1,
+        label="ln(G + L): the most a Λ row can reach",
+    )
     ax.axvline(result["window"], color="gray", ls=":", lw=1, label="L (training length)")
-    ax.set(xlabel="query position", ylabel="attention entropy (nats, mean over heads)", title="Attention entropy by position")
+    ax.set(
+        xlabel="query position",
+        ylabel="attention entropy (nats, mean over heads)",
+        title="Attention entropy by position",
+    )
 
 
 def logits_cmd(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, png, json_out):
     writable(json_out)
-    edges = np.unique(np.geomspace(1, tokens, 40).astype(int))  # distance buckets [edges[b], edges[b + 1])
+    edges = np.unique(
+        np.geomspace(1, tokens, 40).astype(int)
+    )  # distance buckets [edges[b], edges[b + 1])
     found = {}  # run -> largest logit per distance bucket
 
     def take(run, lam, layer, i, logits):
         best = found.setdefault(run, np.full(len(edges), -np.inf))
         top = logits.max(0).values.cpu().numpy()  # (i + 1,): largest over heads, per key j
         distance = i - np.arange(i + 1)
-        distance = distance if lam is None else np.minimum(distance, lam.d_max)  # the distance RoPE sees
+        distance = (
+            distance if lam is None else np.minimum(distance, lam.d_max)
+        )  # the distance RoPE sees
         for b in range(len(edges) - 1):
             part = top[(distance >= edges[b]) & (distance < edges[b + 1])]
             if len(part):
                 best[b] = max(best[b], part.max())
+
     rows, lam, cfg = probe_runs(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, take)
-    result = {"distance_from": edges[:-1].tolist(), "distance_to": edges[1:].tolist(), "window": lam.n_local,
-              "largest_logit": {run: [None if math.isinf(x) else float(x) for x in best[:-1]] for run, best in found.items()}}
+    result = {
+        "distance_from": edges[:-1].tolist(),
+        "distance_to": edges[1:].tolist(),
+        "window": lam.n_local,
+        "largest_logit": {
+            run: [None if math.isinf(x) else float(x) for x in best[:-1]]
+            for run, best in found.items()
+        },
+    }
     for run, best in result["largest_logit"].items():
-        inside = [x for x, d in zip(best, result["distance_from"]) if x is not None and d < lam.n_local]
-        beyond = [x for x, d in zip(best, result["distance_from"]) if x is not None and d >= lam.n_local]
-        print(f"{run}: largest logit within the window {max(inside):.1f}" + (f", beyond it {max(beyond):.1f}" if beyond else ", none beyond it"))
+        inside = [
+            x for x, d in zip(best, result["distance_from"]) if x is not None and d < lam.n_local
+        ]
+        beyond = [
+            x for x, d in zip(best, result["distance_from"]) if x is not None and d >= lam.n_local
+        ]
+        print(
+            f"{run}: largest logit within the window {max(inside):.1f}"
+            + (f", beyond it {max(beyond):.1f}" if beyond else ", none beyond it")
+        )
     save(result, json_out, png, lambda ax: plot_logits(ax, result))
 
 
@@ -124,8 +190,12 @@ def plot_logits(ax, result):
         pts = [(c, x) for c, x in zip(centre, best) if x is not None]
         ax.plot(*zip(*pts), marker="o", ms=3, color=color, label=run)
     ax.axvline(result["window"], color="gray", ls=":", lw=1, label="L (training length)")
-    ax.set(xscale="log", xlabel="relative distance i - j (log scale)", ylabel="largest attention logit (any layer, head, sampled query)",
-           title="Attention logits against distance")
+    ax.set(
+        xscale="log",
+        xlabel="relative distance i - j (log scale)",
+        ylabel="largest attention logit (any layer, head, sampled query)",
+        title="Attention logits against distance",
+    )
 
 
 def save(result, json_out, png, draw):
@@ -133,8 +203,10 @@ def save(result, json_out, png, draw):
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
     if png:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(7, 4.5))
         draw(ax)
         ax.grid(True, alpha=0.3)
@@ -152,14 +224,23 @@ def mask_cmd(length, n_global, n_local, d_max, png):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, what in (("entropy", "attention entropy per layer against position, with the ln(G+L) bound"),
-                       ("logits", "largest attention logit against relative distance (the logit explosion)")):
+    for name, what in (
+        ("entropy", "attention entropy per layer against position, with the ln(G+L) bound"),
+        ("logits", "largest attention logit against relative distance (the logit explosion)"),
+    ):
         p = sub.add_parser(name, help=what, formatter_class=HelpFormatter)
         add_common_args(p)
         p.add_argument("--text", required=True, help="UTF-8 text to read")
-        p.add_argument("--tokens", type=int, default=12288, help="read the text's first N tokens (one pass each, no cache)")
+        p.add_argument(
+            "--tokens",
+            type=int,
+            default=12288,
+            help="read the text's first N tokens (one pass each, no cache)",
+        )
         p.add_argument("--png", help="draw the plot into this PNG")
     p = sub.add_parser("mask", help="the picture of a Λ mask", formatter_class=HelpFormatter)
     p.add_argument("--length", type=int, default=24, help="tokens")

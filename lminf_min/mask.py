@@ -1,11 +1,13 @@
-"""The Λ mask and the distance limit, written once as functions of positions; and the mask's picture.
+"""The Λ mask and the distance limit, written once as functions of positions; and the mask's
+picture.
 
-Every engine calls these two functions: the NumPy reference on the (T, T) grid i[:, None], j[None, :],
-the FlexAttention backend as its mask_mod (model.Flex), the cache's eviction test, and the checks.
-An exercise that changes the mask replaces lambda_mask (docs/exercises.md).
+Every engine calls these two functions: the NumPy reference on the (T, T) grid i[:, None], j[None,
+:], the FlexAttention backend as its mask_mod (model.Flex), the cache's eviction test, and the
+checks. An exercise that changes the mask replaces lambda_mask (docs/exercises.md).
 
     python -m lminf_min.mask --length 24 --n-global 3 --n-local 6 [--d-max 6] [--png mask.png]
 """
+
 import argparse
 
 import numpy as np
@@ -28,13 +30,17 @@ def effective_distance(i, j, lam):
     """The distance a visible pair is scored at: min(i - j, d_max); just i - j if lam is None."""
     return i - j if lam is None else (i - j).clip(max=lam.d_max)
 
-LEGEND = ("row i = query, column j = key\n"
-          "# in the window, scored at distance i - j    + in the window, distance capped at d_max\n"
-          "G starting token outside the window, scored at min(i - j, d_max)    . masked")
+
+LEGEND = (
+    "row i = query, column j = key\n"
+    "# in the window, scored at distance i - j    + in the window, distance capped at d_max\n"
+    "G starting token outside the window, scored at min(i - j, d_max)    . masked"
+)
 
 
 def mask_codes(T, lam):
-    """(T, T) ints: 0 masked, 1 window at true distance, 2 starting token outside the window, 3 capped in the window."""
+    """(T, T) ints: 0 masked, 1 window at true distance, 2 starting token outside the window, 3
+    capped in the window."""
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
     visible, capped = lambda_mask(i, j, lam), effective_distance(i, j, lam) < i - j
     in_window = visible & (i - j < lam.n_local)
@@ -51,13 +57,23 @@ def render(T, lam):
 
 def draw(T, lam, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+
     fig, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow(mask_codes(T, lam), cmap=ListedColormap(["#f4f4f4", "#3b75af", "#d1492e", "#8fb4d9"]), vmin=0, vmax=3)
-    ax.set(xlabel="key position j", ylabel="query position i",
-           title=f"Λ mask: G={lam.n_global} starting tokens (red), window L={lam.n_local} (blue)")
+    ax.imshow(
+        mask_codes(T, lam),
+        cmap=ListedColormap(["#f4f4f4", "#3b75af", "#d1492e", "#8fb4d9"]),
+        vmin=0,
+        vmax=3,
+    )
+    ax.set(
+        xlabel="key position j",
+        ylabel="query position i",
+        title=f"Λ mask: G={lam.n_global} starting tokens (red), window L={lam.n_local} (blue)",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -73,10 +89,16 @@ def main(length, n_global, n_local, d_max, png):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--length", type=int, default=24, help="sequence length T")
-    parser.add_argument("--n-global", type=int, default=3, help="G: starting tokens every later token sees")
-    parser.add_argument("--n-local", type=int, default=6, help="L: window of recent tokens, the query included")
+    parser.add_argument(
+        "--n-global", type=int, default=3, help="G: starting tokens every later token sees"
+    )
+    parser.add_argument(
+        "--n-local", type=int, default=6, help="L: window of recent tokens, the query included"
+    )
     parser.add_argument("--d-max", type=int, help="largest distance ever scored (default: L)")
     parser.add_argument("--png", help="also draw the mask into this PNG file")
     cli(main)(**vars(parser.parse_args()))

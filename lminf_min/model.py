@@ -1,8 +1,10 @@
-"""The Llama forward pass in torch: the same functions as reference.py, on CPU or CUDA, float32 or bfloat16.
+"""The Llama forward pass in torch: the same functions as reference.py, on CPU or CUDA, float32 or
+bfloat16.
 
 Shapes: T queries, S keys, C hidden size, H query heads, H_kv key/value heads, D head dim, V vocab.
 Weights are a dict keyed by the checkpoint's own tensor names (see weights.load_checkpoint).
 """
+
 import math
 
 import torch
@@ -12,7 +14,9 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from .config import LambdaConfig, LlamaConfig, UserError
 from .mask import lambda_mask
 
-BLOCK = 512  # most queries per step of the block loop: it reads (H, BLOCK, <= G + L + BLOCK) scores, never (H, T, T)
+# most queries per step of the block loop: it reads (H, BLOCK, <= G + L + BLOCK) scores, never (H,
+# T, T)
+BLOCK = 512
 
 
 def rms_norm(x, weight, eps):
@@ -23,67 +27,92 @@ def rms_norm(x, weight, eps):
 
 def rope_angles(positions, head_dim, theta):
     """Angle of each frequency pair at each position, in float64. (T, D/2)"""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    inv_freq = theta ** (
+        -torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim
+    )
     return positions.double()[:, None] * inv_freq[None, :]
 
 
 def rope(x, angles):
-    """Rotate each pair (x[f], x[f + D/2]) by its angle (HF half-split layout), in float32. x: (..., T, D)."""
+    """Rotate each pair (x[f], x[f + D/2]) by its angle (HF half-split layout), in float32. x: (...,
+    T, D)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = angles.cos().float(), angles.sin().float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=False, backend=None):
-    """Attention of T queries over S keys. q: (H, T, D), k, v: (H_kv, S, D), rotated at their positions;
-    q_pos (T,) and k_pos (S,) are those positions (absolute, int64).
+    """Attention of T queries over S keys. q: (H, T, D), k, v: (H_kv, S, D), rotated at their
+    positions; q_pos (T,) and k_pos (S,) are those positions (absolute, int64).
 
-    Without lam: causal attention through SDPA over keys that must be positions 0..S-1 in order (as every
-    cache here returns them while no query is past the first window), whose
-    enable_gqa shares each key/value head among H/H_kv query heads without copying (the batch axis of 1
-    matters: with 4-D inputs torch picks its fused flash kernel on CPU, 3x faster). With lam: Λ attention
-    through `backend` (pick_backend chooses it once per device: Flex on CUDA, blocks on CPU); keys may
-    come in any order (LambdaCache's ring).
-    top_k: one decoding query that also sees the lam.top_k middle keys with the largest logits (paper §4),
-    always through blocks, which merges them into the same softmax.
+    Without lam: causal attention through SDPA over keys that must be positions 0..S-1 in order (as
+    every cache here returns them while no query is past the first window), whose enable_gqa shares
+    each key/value head among H/H_kv query heads without copying (the batch axis of 1
+    matters: with 4-D inputs torch picks its fused flash kernel on CPU, 3x faster). With lam: Λ
+    attention through `backend` (pick_backend chooses it once per device: Flex on CUDA, blocks on
+    CPU); keys may come in any order (LambdaCache's ring).
+    top_k: one decoding query that also sees the lam.top_k middle keys with the largest logits
+    (paper §4), always through blocks, which merges them into the same softmax.
     """
     if lam is not None and lam.d_max < lam.n_local - 1:
-        raise UserError(f"d_max={lam.d_max} < n_local - 1 = {lam.n_local - 1} would cap distances inside the window; "
-                        "the fast path does not do that: use lminf_min.reference.attention, or d_max >= n_local - 1")
+        raise UserError(
+            f"d_max={lam.d_max} < n_local - 1 = {lam.n_local - 1} would cap distances inside the "
+            "window; "
+            "the fast path does not do that: use lminf_min.reference.attention, or d_max >= "
+            "n_local - 1"
+        )
     if lam is not None:
-        return blocks(q, k, v, theta, lam, q_pos, k_pos, top_k) if top_k or backend is None else backend(
-            q, k, v, theta, lam, q_pos, k_pos)
-    (H, T, D), S = q.shape, k.shape[1]
-    if T == S or T == 1 or q.device.type != "cpu":  # the whole sequence, one new token, or not on CPU
-        mask = None if T == S or T == 1 else torch.arange(S, device=q.device) <= torch.arange(T, device=q.device)[:, None] + (S - T)
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=T == S, enable_gqa=True)[0]
-    # On CPU, a chunk after P = S - T cached keys is cheaper as two calls without a mask: every query sees all
-    # cached keys, and its own chunk's keys causally; merged() joins the two softmaxes into one.
+        return (
+            blocks(q, k, v, theta, lam, q_pos, k_pos, top_k)
+            if top_k or backend is None
+            else backend(q, k, v, theta, lam, q_pos, k_pos)
+        )
+    H, T, S = q.shape[0], q.shape[1], k.shape[1]
+    if (
+        T == S or T == 1 or q.device.type != "cpu"
+    ):  # the whole sequence, one new token, or not on CPU
+        mask = (
+            None
+            if T == S or T == 1
+            else torch.arange(S, device=q.device)
+            <= torch.arange(T, device=q.device)[:, None] + (S - T)
+        )
+        return F.scaled_dot_product_attention(
+            q[None], k[None], v[None], attn_mask=mask, is_causal=T == S, enable_gqa=True
+        )[0]
+    # On CPU, a chunk after P = S - T cached keys is cheaper as two calls without a mask: every
+    # query sees all cached keys, and its own chunk's keys causally; merged() joins the two
+    # softmaxes into one.
     P, n = S - T, H // k.shape[0]
-    own = cpu_flash_attention(q, k[:, P:].repeat_interleave(n, 0), v[:, P:].repeat_interleave(n, 0), causal=True)
+    own = cpu_flash_attention(
+        q, k[:, P:].repeat_interleave(n, 0), v[:, P:].repeat_interleave(n, 0), causal=True
+    )
     return merged([attend(q, k[:, :P], v[:, :P]), own]).to(q.dtype)
 
 
 def pick_backend(device):
-    """The Λ attention backend for a device, chosen once: one FlexAttention call on CUDA, the block loop
-    elsewhere (on this project's 2-core CPU the block loop is faster than compiled flex: docs/results.md)."""
+    """The Λ attention backend for a device, chosen once: one FlexAttention call on CUDA, the block
+    loop elsewhere (on this project's 2-core CPU the block loop is faster than compiled flex:
+    docs/results.md)."""
     return Flex(dynamic=None) if torch.device(device).type == "cuda" else blocks
 
 
 class Flex:
-    """Λ attention as one FlexAttention call: the GPU backend, and on CPU the way to run any mask a class writes.
+    """Λ attention as one FlexAttention call: the GPU backend, and on CPU the way to run any mask a
+    class writes.
 
-    mask_mod is `mask` (lminf_min.mask.lambda_mask, or an exercise's function of (i, j, lam)) on absolute
-    positions, looked up through q_pos and k_pos so that the ring cache's slot order works. score_mod is
-    the distance limit, the paper's way: a starting key j < G farther than d_max is scored from a small
-    (H, T, g) table, the query rotated to d_max against the key rotated back to 0. Every other visible
-    key is scored at its true distance, so a mask must not show one farther than d_max (the Λ mask never
+    mask_mod is `mask` (lminf_min.mask.lambda_mask, or an exercise's function of (i, j, lam)) on
+    absolute positions, looked up through q_pos and k_pos so that the ring cache's slot order works.
+    score_mod is the distance limit, the paper's way: a starting key j < G farther than d_max is
+    scored from a small (H, T, g) table, the query rotated to d_max against the key rotated back to
+    0. Every other visible key is scored at its true distance, so a mask must not show one farther
+    than d_max (the Λ mask never
     does: d_max >= L - 1). Grouped-query heads share keys through enable_gqa, no copy.
     compiled: torch.compile the call and the block mask (needed for long inputs: compiled,
     create_block_mask never materialises the (T, S) mask).
-    dynamic: passed to torch.compile. None on CUDA (prefill chunks meet a growing number of keys); False
-    by default because torch 2.13's CPU flex kernel fails to build for dynamic shapes (a C++ compile
-    error), so on CPU each new shape compiles once.
+    dynamic: passed to torch.compile. None on CUDA (prefill chunks meet a growing number of keys);
+    False by default because torch 2.13's CPU flex kernel fails to build for dynamic shapes (a C++
+    compile error), so on CPU each new shape compiles once.
     """
 
     def __init__(self, mask=lambda_mask, compiled=True, dynamic=False):
@@ -101,82 +130,130 @@ class Flex:
         score_mod = None
         if is_start.any():
             rank = is_start.cumsum(0) - 1  # the row of each starting key in the table
-            q_far = rope(q, rope_angles(lam.d_max - q_pos, D, theta)).view(-1, n, T, D)  # rotated to d_max
-            k_start = rope(k[:, is_start], rope_angles(-k_pos[is_start], D, theta))  # rotated back to 0
-            table = (q_far.float() @ k_start.float()[:, None].transpose(-1, -2)).view(H, T, -1) / math.sqrt(D)
+            q_far = rope(q, rope_angles(lam.d_max - q_pos, D, theta)).view(
+                -1, n, T, D
+            )  # rotated to d_max
+            k_start = rope(
+                k[:, is_start], rope_angles(-k_pos[is_start], D, theta)
+            )  # rotated back to 0
+            table = (q_far.float() @ k_start.float()[:, None].transpose(-1, -2)).view(
+                H, T, -1
+            ) / math.sqrt(D)
 
             def score_mod(score, b, h, qi, ki):
                 far = (k_pos[ki] < lam.n_global) & (q_pos[qi] - k_pos[ki] > lam.d_max)
                 return torch.where(far, table[h, qi, rank[ki].clamp(min=0)], score)
 
-        out = self.flex(q[None], k[None], v[None], score_mod=score_mod, block_mask=block_mask, enable_gqa=True)
+        out = self.flex(
+            q[None], k[None], v[None], score_mod=score_mod, block_mask=block_mask, enable_gqa=True
+        )
         return out[0]
 
 
-def blocks(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False, most=BLOCK, cpu_kernel=True):
-    """The block-loop backend: the queries still inside the first window take one causal call (Λ attention is
-    exactly causal attention there), the others go through lambda_attention.
+def blocks(
+    q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False, most=BLOCK, cpu_kernel=True
+):
+    """The block-loop backend: the queries still inside the first window take one causal call (Λ
+    attention is exactly causal attention there), the others go through lambda_attention.
 
-    most: the largest block of queries; cpu_kernel=False takes the written-out path that devices other than
-    the CPU take (tests run both on the CPU).
+    most: the largest block of queries; cpu_kernel=False takes the written-out path that devices
+    other than the CPU take (tests run both on the CPU).
     """
     m = int((q_pos < lam.n_local).sum())  # queries still inside the first window
     out = lambda_attention(q[:, m:], k, v, theta, lam, q_pos[m:], k_pos, top_k, most, cpu_kernel)
     if m == 0:
         return out
-    # Those m do plain causal attention over positions 0..S-1: no cache has wrapped yet, so these keys
-    # come first and in order.
+    # Those m do plain causal attention over positions 0..S-1: no cache has wrapped yet, so these
+    # keys come first and in order.
     S = int(q_pos[m - 1]) + 1
     if not torch.equal(k_pos[:S], torch.arange(S, device=k_pos.device)):
         raise ValueError("queries inside the first window need keys 0..S-1 first and in order")
-    return torch.cat([attention(q[:, :m], k[:, :S], v[:, :S], theta, None, q_pos[:m], k_pos[:S]), out], dim=1)
+    return torch.cat(
+        [attention(q[:, :m], k[:, :S], v[:, :S], theta, None, q_pos[:m], k_pos[:S]), out], dim=1
+    )
 
 
-def lambda_attention(q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False, most=BLOCK, cpu_kernel=True):
-    """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory, a block of queries at a time.
+def lambda_attention(
+    q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False, most=BLOCK, cpu_kernel=True
+):
+    """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory, a block of queries
+    at a time.
 
-    A query's logits fall into groups that share one softmax: the local band (its L most recent keys, at
-    their true distance i - j <= L - 1 <= d_max, i.e. plain RoPE), the starting tokens j < G that have left
-    the window (i - j >= L), scored at δ = min(i - j, d_max), and with top_k (one decoding query) per head
-    the lam.top_k middle keys with the largest logits at lam.top_k_distance (paper §4). The band keys
-    that every query of the block sees go through a fused kernel with no mask, which also returns each
-    row's log-sum-exp; the few other logits (band edges, starting tokens, top-k) are computed here, and
-    merged() joins the partial softmaxes by their log-sum-exps: exactly one softmax over all groups.
-    Keys may come in any order (LambdaCache keeps a ring buffer); queries come in ascending order.
+    A query's logits fall into groups that share one softmax: the local band (its L most recent
+    keys, at their true distance i - j <= L - 1 <= d_max, i.e. plain RoPE), the starting tokens j <
+    G that have left the window (i - j >= L), scored at δ = min(i - j, d_max), and with top_k (one
+    decoding query) per head the lam.top_k middle keys with the largest logits at lam.top_k_distance
+    (paper §4). The band keys that every query of the block sees go through a fused kernel with no
+    mask, which also returns each row's log-sum-exp; the few other logits (band edges, starting
+    tokens, top-k) are computed here, and merged() joins the partial softmaxes by their
+    log-sum-exps: exactly one softmax over all groups. Keys may come in any order (LambdaCache keeps
+    a ring buffer); queries come in ascending order.
     """
     G, L, d_max = lam.n_global, lam.n_local, lam.d_max
     (H, T, D), H_kv = q.shape, k.shape[0]
     n = H // H_kv  # query heads per key/value head
     is_start = k_pos < G
-    k_start, v_start, jg = k[:, is_start], v[:, is_start], k_pos[is_start][None, :]  # (H_kv, g, D), (1, g)
-    # q_i and k_j are rotated by i and j, so their product is the logit at i - j. Past d_max, the paper's
-    # trick: the query rotated to d_max and the key rotated back to 0 give the logit at exactly d_max.
-    q_far, k_start0 = rope(q, rope_angles(d_max - q_pos, D, theta)), rope(k_start, rope_angles(-jg[0], D, theta))
-    out, block = torch.empty_like(q), min(most, max(64, L // 32))  # edges grow with the block: keep it well below L
+    k_start, v_start, jg = (
+        k[:, is_start],
+        v[:, is_start],
+        k_pos[is_start][None, :],
+    )  # (H_kv, g, D), (1, g)
+    # q_i and k_j are rotated by i and j, so their product is the logit at i - j. Past d_max, the
+    # paper's trick: the query rotated to d_max and the key rotated back to 0 give the logit at
+    # exactly d_max.
+    q_far, k_start0 = (
+        rope(q, rope_angles(d_max - q_pos, D, theta)),
+        rope(k_start, rope_angles(-jg[0], D, theta)),
+    )
+    out, block = (
+        torch.empty_like(q),
+        min(most, max(64, L // 32)),
+    )  # edges grow with the block: keep it well below L
     for a in range(0, T, block):
         B = min(block, T - a)
-        i = q_pos[a:a + B][:, None]  # (B, 1)
-        grouped = lambda x: x.reshape(H_kv, n, B, D) / math.sqrt(D)  # heads grouped by their key/value head
-        qb, dg = grouped(q[:, a:a + B]), i - jg  # dg: distances to the starting tokens (B, g)
+        i = q_pos[a : a + B][:, None]  # (B, 1)
+        grouped = lambda x: (
+            x.reshape(H_kv, n, B, D) / math.sqrt(D)
+        )  # heads grouped by their key/value head
+        qb, dg = grouped(q[:, a : a + B]), i - jg  # dg: distances to the starting tokens (B, g)
         full = (k_pos > i[-1] - L) & (k_pos <= i[0])  # band keys every query of the block sees
-        edge = (k_pos > i[0] - L) & (k_pos <= i[-1]) & ~full  # band keys only some see: at most 2·BLOCK - 2
+        edge = (
+            (k_pos > i[0] - L) & (k_pos <= i[-1]) & ~full
+        )  # band keys only some see: at most 2·BLOCK - 2
         de = i - k_pos[edge]
-        edges = torch.einsum("knbd,kgd->knbg", qb, k[:, edge]).float().masked_fill_((de < 0) | (de >= L), -math.inf)
-        start = torch.where(dg > d_max, torch.einsum("knbd,kgd->knbg", grouped(q_far[:, a:a + B]), k_start0),
-                            torch.einsum("knbd,kgd->knbg", qb, k_start)).float()  # (H_kv, n, B, g)
+        edges = (
+            torch.einsum("knbd,kgd->knbg", qb, k[:, edge])
+            .float()
+            .masked_fill_((de < 0) | (de >= L), -math.inf)
+        )
+        start = torch.where(
+            dg > d_max,
+            torch.einsum("knbd,kgd->knbg", grouped(q_far[:, a : a + B]), k_start0),
+            torch.einsum("knbd,kgd->knbg", qb, k_start),
+        ).float()  # (H_kv, n, B, g)
         start.masked_fill_(dg < L, -math.inf)  # inside the window they are band keys
-        groups = [(edges, v[:, edge][:, None]), (start, v_start[:, None])]  # (logits (H_kv, n, B, *), values)
+        groups = [
+            (edges, v[:, edge][:, None]),
+            (start, v_start[:, None]),
+        ]  # (logits (H_kv, n, B, *), values)
         groups += [top_k_middle(qb, k, v, theta, lam, int(i), k_pos)] if top_k else []
-        band = [attend(q[:, a:a + B], keys_at(k, full), keys_at(v, full), cpu_kernel)] if full.any() else []
-        out[:, a:a + B] = merged([(o.view(H_kv, n, B, D), lse.view(H_kv, n, B)) for o, lse in band], groups).reshape(H, B, D)
+        band = (
+            [attend(q[:, a : a + B], keys_at(k, full), keys_at(v, full), cpu_kernel)]
+            if full.any()
+            else []
+        )
+        out[:, a : a + B] = merged(
+            [(o.view(H_kv, n, B, D), lse.view(H_kv, n, B)) for o, lse in band], groups
+        ).reshape(H, B, D)
     return out
 
 
 def merged(parts, groups=()):
-    """One softmax from partial ones: parts (outputs (..., D), lse (...)), each a softmax over its own keys, and
-    groups (logits (..., K), values (..., K, D)) written out. Each part and each key counts with its share
-    exp(lse - top) or exp(logit - top) of the joint denominator; dividing by the sum of the shares keeps the
-    result a weighted mean of the values even where huge logits tie in float32. Output in float32."""
+    """One softmax from partial ones: parts (outputs (..., D), lse (...)), each a softmax over its
+    own keys, and groups (logits (..., K), values (..., K, D)) written out. Each part and each key
+    counts with its share exp(lse - top) or exp(logit - top) of the joint denominator; dividing by
+    the sum of the shares keeps the result a weighted mean of the values even where huge logits tie
+    in float32. Output in float32."""
     groups = [(logits, values) for logits, values in groups if logits.shape[-1]]
     top = torch.stack([lse for _, lse in parts] + [logits.amax(-1) for logits, _ in groups]).amax(0)
     o, weight = 0, 0
@@ -190,17 +267,20 @@ def merged(parts, groups=()):
 
 
 def keys_at(x, where):
-    """x[:, where] for a boolean where over the keys: a view, not a copy, when the chosen keys are contiguous."""
+    """x[:, where] for a boolean where over the keys: a view, not a copy, when the chosen keys are
+    contiguous."""
     idx = where.nonzero()[:, 0]
-    return x[:, int(idx[0]):int(idx[-1]) + 1] if int(idx[-1] - idx[0]) + 1 == len(idx) else x[:, idx]
+    return (
+        x[:, int(idx[0]) : int(idx[-1]) + 1] if int(idx[-1] - idx[0]) + 1 == len(idx) else x[:, idx]
+    )
 
 
 def attend(q, k, v, cpu_kernel=True):
-    """Softmax attention of q (H, T, D) over all of k, v (H_kv, S, D), and the log-sum-exp of each row's logits:
-    outputs (H, T, D), lse (H, T) in float32.
+    """Softmax attention of q (H, T, D) over all of k, v (H_kv, S, D), and the log-sum-exp of each
+    row's logits: outputs (H, T, D), lse (H, T) in float32.
 
-    On CPU through cpu_flash_attention; elsewhere (or cpu_kernel=False) written out. The query heads that
-    share a key/value head are stacked along the query axis, so no key is copied.
+    On CPU through cpu_flash_attention; elsewhere (or cpu_kernel=False) written out. The query heads
+    that share a key/value head are stacked along the query axis, so no key is copied.
     """
     (H, T, D), H_kv = q.shape, k.shape[0]
     q = q.reshape(H_kv, H // H_kv * T, D)
@@ -214,44 +294,64 @@ def attend(q, k, v, cpu_kernel=True):
 
 
 def cpu_flash_attention(q, k, v, causal=False):
-    """Outputs (H, T, D) and log-sum-exps (H, T) of softmax attention, H heads of q, k, v each, on CPU.
+    """Outputs (H, T, D) and log-sum-exps (H, T) of softmax attention, H heads of q, k, v each, on
+    CPU.
 
     A private torch op, on purpose: it is the only fused CPU attention kernel that also returns the
-    log-sum-exp, which merged() needs to join partial softmaxes (SDPA does not return it, and compiled
-    flex_attention refuses return_lse on CPU). tests/test_backends.py fails clearly if torch drops it.
+    log-sum-exp, which merged() needs to join partial softmaxes (SDPA does not return it, and
+    compiled flex_attention refuses return_lse on CPU). tests/test_backends.py fails clearly if
+    torch drops it.
     """
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q[None], k[None], v[None], is_causal=causal, scale=q.shape[-1] ** -0.5)[:2]
+        q[None], k[None], v[None], is_causal=causal, scale=q.shape[-1] ** -0.5
+    )[:2]
     return o[0], lse[0]
 
 
 def top_k_middle(qb, k, v, theta, lam: LambdaConfig, i, k_pos):
-    """Logits (H_kv, H/H_kv, 1, K) and values (H_kv, H/H_kv, K, D) of the top-K middle keys of query i, per head.
+    """Logits (H_kv, H/H_kv, 1, K) and values (H_kv, H/H_kv, K, D) of the top-K middle keys of query
+    i, per head.
 
-    qb: (H_kv, H/H_kv, 1, D), scaled and rotated at i; k rotated at k_pos. Rotating k_j forward by the excess
-    (i - j) - top_k_distance makes their product the logit at top_k_distance.
+    qb: (H_kv, H/H_kv, 1, D), scaled and rotated at i; k rotated at k_pos. Rotating k_j forward by
+    the excess (i - j) - top_k_distance makes their product the logit at top_k_distance.
     """
     middle = (k_pos >= lam.n_global) & (k_pos <= i - lam.n_local)
     k_mid, v_mid = k[:, middle], v[:, middle]  # (H_kv, M, D)
     k_at = rope(k_mid, rope_angles(i - k_pos[middle] - lam.top_k_distance, k.shape[2], theta))
     logits = torch.einsum("knbd,kmd->knbm", qb, k_at).float()  # (H_kv, H/H_kv, 1, M)
     top, index = logits.topk(min(lam.top_k, k_mid.shape[1]), dim=-1)  # (H_kv, H/H_kv, 1, K)
-    values = torch.stack([v_mid[kv, index[kv, :, 0]] for kv in range(k.shape[0])])  # (H_kv, H/H_kv, K, D)
+    values = torch.stack(
+        [v_mid[kv, index[kv, :, 0]] for kv in range(k.shape[0])]
+    )  # (H_kv, H/H_kv, K, D)
     return top, values
 
 
-def forward(weights, cfg: LlamaConfig, tokens, cache=None,
-            lam: LambdaConfig | None = None, last_only=False, hidden_only=False, decoding=False, probe=None,
-            backend=None):
+def forward(
+    weights,
+    cfg: LlamaConfig,
+    tokens,
+    cache=None,
+    lam: LambdaConfig | None = None,
+    last_only=False,
+    hidden_only=False,
+    decoding=False,
+    probe=None,
+    backend=None,
+):
     """Logits (T, V) for token ids (T,), which follow the cache's positions if a cache is given.
 
     cache: a caches.KVCache or caches.LambdaCache, or None for a sequence on its own.
     lam: Λ attention (LM-Infinite) instead of full causal attention (a LambdaCache needs it).
-    last_only: logits of the last token only, (1, V), which is all generation needs (skips most of the LM head).
-    hidden_only: the final normalised hidden states (T, C) instead; lm_head() turns any slice of them into logits.
-    decoding: one generated token, which also sees the top-k middle keys if lam asks for them (paper §4).
-    probe: called as probe(layer, q, k) with this chunk's rotated queries and keys (how diagnose.py looks inside).
-    backend: how Λ attention is computed (see attention; pick_backend(device) chooses it once); None: blocks.
+    last_only: logits of the last token only, (1, V), which is all generation needs (skips most of
+    the LM head).
+    hidden_only: the final normalised hidden states (T, C) instead; lm_head() turns any slice of
+    them into logits.
+    decoding: one generated token, which also sees the top-k middle keys if lam asks for them (paper
+    §4).
+    probe: called as probe(layer, q, k) with this chunk's rotated queries and keys (how diagnose.py
+    looks inside).
+    backend: how Λ attention is computed (see attention; pick_backend(device) chooses it once);
+    None: blocks.
     """
     w = weights
     H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -260,23 +360,39 @@ def forward(weights, cfg: LlamaConfig, tokens, cache=None,
         raise ValueError(f"decoding=True takes one token, not {T}")
     start, origin = cache.begin(T, lam) if cache is not None else (0, 0)
     q_pos = torch.arange(start, start + T, device=tokens.device)
-    angles = rope_angles(q_pos - origin, D, cfg.rope_theta)  # (T, D/2): small angles, see caches.LambdaCache
+    angles = rope_angles(
+        q_pos - origin, D, cfg.rope_theta
+    )  # (T, D/2): small angles, see caches.LambdaCache
     x = w["model.embed_tokens.weight"][tokens]  # (T, C)
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
         q = (h @ w[p + "self_attn.q_proj.weight"].T).view(T, H, D).transpose(0, 1)  # (H, T, D)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)  # (H_kv, T, D)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)  # (H_kv, T, D)
+        k = (
+            (h @ w[p + "self_attn.k_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)
+        )  # (H_kv, T, D)
+        v = (
+            (h @ w[p + "self_attn.v_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)
+        )  # (H_kv, T, D)
         q, k = rope(q, angles), rope(k, angles)
         if probe:
             probe(layer, q, k)
-        k, v, k_pos = cache.update(layer, k, v) if cache is not None else (k, v, q_pos)  # (H_kv, S, D), (S,)
+        k, v, k_pos = (
+            cache.update(layer, k, v) if cache is not None else (k, v, q_pos)
+        )  # (H_kv, S, D), (S,)
         top_k = decoding and lam is not None and lam.top_k > 0 and layer >= lam.top_k_from_layer
-        a = attention(q, k, v, cfg.rope_theta, lam, q_pos, k_pos, top_k, backend).transpose(0, 1).reshape(T, H * D)  # (T, H*D)
+        a = (
+            attention(q, k, v, cfg.rope_theta, lam, q_pos, k_pos, top_k, backend)
+            .transpose(0, 1)
+            .reshape(T, H * D)
+        )  # (T, H*D)
         x = x + a @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        x = x + (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        x = (
+            x
+            + (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T))
+            @ w[p + "mlp.down_proj.weight"].T
+        )
     if cache is not None:
         cache.advance(T)
     x = rms_norm(x[-1:] if last_only else x, w["model.norm.weight"], cfg.rms_norm_eps)
@@ -285,5 +401,9 @@ def forward(weights, cfg: LlamaConfig, tokens, cache=None,
 
 def lm_head(weights, cfg: LlamaConfig, x):
     """Logits (T, V), float32, from final hidden states (T, C)."""
-    head = weights["model.embed_tokens.weight"] if cfg.tie_word_embeddings else weights["lm_head.weight"]
+    head = (
+        weights["model.embed_tokens.weight"]
+        if cfg.tie_word_embeddings
+        else weights["lm_head.weight"]
+    )
     return (x @ head.T).float()

@@ -1,8 +1,10 @@
-"""The Llama forward pass in plain NumPy (float64): the definition the torch model is tested against.
+"""The Llama forward pass in plain NumPy (float64): the definition the torch model is tested
+against.
 
 Shapes: T queries, S keys, C hidden size, H query heads, H_kv key/value heads, D head dim, V vocab.
 Weights are a dict keyed by the checkpoint's own tensor names. Written to be read, not to be fast.
 """
+
 import numpy as np
 
 from .config import LlamaConfig
@@ -15,16 +17,19 @@ def rms_norm(x, weight, eps):
 
 
 def rope_angles(positions, head_dim, theta):
-    """Angle of each frequency pair at each position: positions[:, None] * theta^(-2f/D). (T, D/2)"""
+    """Angle of each frequency pair at each position: positions[:, None] * theta^(-2f/D). (T,
+    D/2)"""
     inv_freq = theta ** (-np.arange(0, head_dim, 2) / head_dim)  # (D/2,)
     return np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
 
 
 def rope(x, angles):
-    """Rotate each pair (x[f], x[f + D/2]) by its angle: the half-split layout of Hugging Face checkpoints.
+    """Rotate each pair (x[f], x[f + D/2]) by its angle: the half-split layout of Hugging Face
+    checkpoints.
 
     x: (..., T, D), angles: (T, D/2). Meta's original checkpoints pair adjacent dims (2f, 2f+1)
-    instead; HF's conversion permutes the rows of q_proj/k_proj so that this layout gives the same logits.
+    instead; HF's conversion permutes the rows of q_proj/k_proj so that this layout gives the same
+    logits.
     """
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     cos, sin = np.cos(angles), np.sin(angles)
@@ -41,14 +46,18 @@ def softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention_weights(q, k, theta, lam=None, top_k_rows=(), mask=lambda_mask, distance=effective_distance):
+def attention_weights(
+    q, k, theta, lam=None, top_k_rows=(), mask=lambda_mask, distance=effective_distance
+):
     """Λ attention probabilities (DESIGN.md §1), (H, T, T), of T queries over the same T positions.
 
-    q, k: (H, T, D), NOT rotated. Every visible pair is scored at its effective distance:
-    s(i, j) = <rot(q_i, δ(i, j)), k_j> / sqrt(D). With δ = i - j this is ordinary RoPE, which depends
-    only on the difference of positions. One softmax over each row's visible keys, starting and local together.
-    top_k_rows: rows that also see, per head, the lam.top_k middle keys with the largest logits at lam.top_k_distance.
-    mask, distance: functions of (i, j, lam) in place of lambda_mask and effective_distance (the exercises' answers).
+    q, k: (H, T, D), NOT rotated. Every visible pair is scored at its effective distance: s(i, j) =
+    <rot(q_i, δ(i, j)), k_j> / sqrt(D). With δ = i - j this is ordinary RoPE, which depends only on
+    the difference of positions. One softmax over each row's visible keys, starting and local
+    together.
+    top_k_rows: rows that also see, per head, the lam.top_k middle keys with the largest logits at
+    lam.top_k_distance. mask, distance: functions of (i, j, lam) in place of lambda_mask and
+    effective_distance (the exercises' answers).
     """
     H, T, D = q.shape
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]  # query and key positions
@@ -57,19 +66,30 @@ def attention_weights(q, k, theta, lam=None, top_k_rows=(), mask=lambda_mask, di
     q_at = rope(q[:, :, None, :], angles)  # (H, T, T, D): q_i rotated by δ(i, j)
     scores = np.einsum("hijd,hjd->hij", q_at, k) / np.sqrt(D)  # (H, T, T)
     visible = np.broadcast_to(mask(i, j, lam), (H, T, T)).copy()
-    if len(top_k_rows) and lam.top_k:  # paper §4: middle keys (G <= j, i - j >= L), per head, by logit at one distance
+    if (
+        len(top_k_rows) and lam.top_k
+    ):  # paper §4: middle keys (G <= j, i - j >= L), per head, by logit at one distance
         middle = (j >= lam.n_global) & (i - j >= lam.n_local)  # (T, T)
-        q_mid = rope(q, rope_angles(np.full(T, lam.top_k_distance), D, theta))  # (H, T, D): q_i rotated by the distance
-        mid_scores = np.where(middle, q_mid @ k.transpose(0, 2, 1) / np.sqrt(D), -np.inf)  # (H, T, T)
+        q_mid = rope(
+            q, rope_angles(np.full(T, lam.top_k_distance), D, theta)
+        )  # (H, T, D): q_i rotated by the distance
+        mid_scores = np.where(
+            middle, q_mid @ k.transpose(0, 2, 1) / np.sqrt(D), -np.inf
+        )  # (H, T, T)
         for h in range(H):
             for r in top_k_rows:
-                chosen = np.argsort(-mid_scores[h, r], kind="stable")[: min(lam.top_k, middle[r].sum())]
+                chosen = np.argsort(-mid_scores[h, r], kind="stable")[
+                    : min(lam.top_k, middle[r].sum())
+                ]
                 visible[h, r, chosen], scores[h, r, chosen] = True, mid_scores[h, r, chosen]
     return softmax(np.where(visible, scores, -np.inf))
 
 
-def attention(q, k, v, theta, lam=None, top_k_rows=(), mask=lambda_mask, distance=effective_distance):
-    """(H, T, D): each query's probability-weighted sum of values. q, k, v: (H, T, D), q and k not rotated."""
+def attention(
+    q, k, v, theta, lam=None, top_k_rows=(), mask=lambda_mask, distance=effective_distance
+):
+    """(H, T, D): each query's probability-weighted sum of values. q, k, v: (H, T, D), q and k not
+    rotated."""
     return attention_weights(q, k, theta, lam, top_k_rows, mask, distance) @ v
 
 
@@ -77,11 +97,20 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def forward(weights, cfg: LlamaConfig, tokens, lam=None, decoding_from=None, mask=lambda_mask, distance=effective_distance):
-    """Logits (T, V) for a sequence of token ids (T,), with Λ attention if lam (a LambdaConfig) is given.
+def forward(
+    weights,
+    cfg: LlamaConfig,
+    tokens,
+    lam=None,
+    decoding_from=None,
+    mask=lambda_mask,
+    distance=effective_distance,
+):
+    """Logits (T, V) for a sequence of token ids (T,), with Λ attention if lam (a LambdaConfig) is
+    given.
 
-    decoding_from: tokens from this position on are generated ones, which see top-k middle keys if lam asks.
-    mask, distance: as in attention_weights.
+    decoding_from: tokens from this position on are generated ones, which see top-k middle keys if
+    lam asks. mask, distance: as in attention_weights.
     """
     w = {name: np.asarray(t, dtype=np.float64) for name, t in weights.items()}
     H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -90,12 +119,26 @@ def forward(weights, cfg: LlamaConfig, tokens, lam=None, decoding_from=None, mas
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-        q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(T, H, D).transpose(1, 0, 2)  # (H, T, D)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(T, H_kv, D).transpose(1, 0, 2)  # (H_kv, T, D)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(T, H_kv, D).transpose(1, 0, 2)  # (H_kv, T, D)
+        q = (
+            (h @ w[p + "self_attn.q_proj.weight"].T).reshape(T, H, D).transpose(1, 0, 2)
+        )  # (H, T, D)
+        k = (
+            (h @ w[p + "self_attn.k_proj.weight"].T).reshape(T, H_kv, D).transpose(1, 0, 2)
+        )  # (H_kv, T, D)
+        v = (
+            (h @ w[p + "self_attn.v_proj.weight"].T).reshape(T, H_kv, D).transpose(1, 0, 2)
+        )  # (H_kv, T, D)
         k, v = repeat_kv(k, H // H_kv), repeat_kv(v, H // H_kv)  # (H, T, D)
-        rows = range(decoding_from, T) if decoding_from is not None and lam.top_k and layer >= lam.top_k_from_layer else ()
-        a = attention(q, k, v, cfg.rope_theta, lam, rows, mask, distance).transpose(1, 0, 2).reshape(T, H * D)  # (T, H*D)
+        rows = (
+            range(decoding_from, T)
+            if decoding_from is not None and lam.top_k and layer >= lam.top_k_from_layer
+            else ()
+        )
+        a = (
+            attention(q, k, v, cfg.rope_theta, lam, rows, mask, distance)
+            .transpose(1, 0, 2)
+            .reshape(T, H * D)
+        )  # (T, H*D)
         x = x + a @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T  # (T, F)

@@ -1,4 +1,6 @@
-"""Text <-> token ids: tokenizer.json through `tokenizers`, or tokenizer.model through sentencepiece."""
+"""Text <-> token ids: tokenizer.json through `tokenizers`, or tokenizer.model through
+sentencepiece."""
+
 from pathlib import Path
 
 from .config import UserError
@@ -13,20 +15,32 @@ class Tokenizer:
         try:
             if json_path.is_file():
                 from tokenizers import Tokenizer as HFTokenizer
-                self.hf = HFTokenizer.from_file(str(json_path))  # its post-processor decides about BOS
+
+                self.hf = HFTokenizer.from_file(
+                    str(json_path)
+                )  # its post-processor decides about BOS
                 self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
                 self.encode = lambda text: self.hf.encode(text).ids
                 self.decode = lambda ids: self.hf.decode(ids, skip_special_tokens=False)
             elif sp_path.is_file():
                 import sentencepiece
+
                 sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_path))
                 self.vocab_size = sp.get_piece_size()
-                bos = [sp.bos_id()] if sp.bos_id() >= 0 else []  # Llama's sentencepiece models start with BOS
+                bos = (
+                    [sp.bos_id()] if sp.bos_id() >= 0 else []
+                )  # Llama's sentencepiece models start with BOS
                 self.encode = lambda text: bos + sp.encode(text)
                 self.decode = lambda ids: sp.decode(list(ids))
             else:
-                raise UserError(f"no tokenizer.json or tokenizer.model in {ckpt}; copy the model's tokenizer there")
+                raise UserError(
+                    f"no tokenizer.json or tokenizer.model in {ckpt}; copy the model's tokenizer "
+                    "there"
+                )
         except UserError:
             raise
         except Exception as e:  # both libraries raise their own exception types on a corrupt file
-            raise UserError(f"the tokenizer in {ckpt} could not be loaded ({type(e).__name__}: {e}); replace it with the model's own") from None
+            raise UserError(
+                f"the tokenizer in {ckpt} could not be loaded ({type(e).__name__}: {e}); replace "
+                "it with the model's own"
+            ) from None

@@ -1,7 +1,10 @@
-"""Bad input: one line naming the problem and the fix, exit code 2, no traceback, nothing of the user's changed.
+"""Bad input: one line naming the problem and the fix, exit code 2, no traceback, nothing of the
+user's changed.
 
-Every message must also appear in docs/reliability.md (temporary paths shown as …), so the catalogue there is what users get.
+Every message must also appear in docs/reliability.md (temporary paths shown as …), so the catalogue
+there is what users get.
 """
+
 import json
 import re
 import struct
@@ -26,7 +29,9 @@ def break_truncated(ckpt):
 
 
 def break_corrupt_header(ckpt):
-    (ckpt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\0" * 64)
+    (ckpt / "model.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\0" * 64
+    )
 
 
 def rewrite_tensors(change):
@@ -34,6 +39,7 @@ def rewrite_tensors(change):
         tensors = random_weights(tiny_config())
         change(tensors)
         save_file(tensors, str(ckpt / "model.safetensors"))
+
     return breaker
 
 
@@ -44,6 +50,7 @@ def huge_header(ckpt):
 def shard_index(text):
     def breaker(ckpt):
         (ckpt / "model.safetensors.index.json").write_text(text)
+
     return breaker
 
 
@@ -55,6 +62,7 @@ def config_is_a_directory(ckpt):
 def rewrite_config(**fields):
     def breaker(ckpt):
         (ckpt / "config.json").write_text(json.dumps(tiny_config() | fields))
+
     return breaker
 
 
@@ -64,36 +72,75 @@ CASES = {  # name -> (how to break the tiny checkpoint, words the message must c
     "empty directory": (lambda ckpt: [f.unlink() for f in ckpt.iterdir()], "config.json not found"),
     "missing config.json": (lambda ckpt: (ckpt / "config.json").unlink(), "config.json not found"),
     "unreadable config.json (a directory)": (config_is_a_directory, "cannot read"),
-    "config.json not an object": (lambda ckpt: (ckpt / "config.json").write_text("[1, 2]"), "expected a JSON object"),
+    "config.json not an object": (
+        lambda ckpt: (ckpt / "config.json").write_text("[1, 2]"),
+        "expected a JSON object",
+    ),
     "wrong type in config.json": (rewrite_config(hidden_size="32"), "expected a positive integer"),
     "inconsistent head counts": (rewrite_config(num_key_value_heads=3), "not a multiple"),
     "odd head_dim": (rewrite_config(head_dim=7, num_attention_heads=4), "must be even"),
-    "config.json not JSON": (lambda ckpt: (ckpt / "config.json").write_text("{oops"), "not valid JSON"),
-    "unsupported rope_scaling": (rewrite_config(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+    "config.json not JSON": (
+        lambda ckpt: (ckpt / "config.json").write_text("{oops"),
+        "not valid JSON",
+    ),
+    "unsupported rope_scaling": (
+        rewrite_config(rope_scaling={"type": "linear", "factor": 2.0}),
+        "rope_scaling",
+    ),
     "unsupported model_type": (rewrite_config(model_type="mistral"), "model_type"),
     "attention bias": (rewrite_config(attention_bias=True), "attention_bias"),
-    "missing field": (lambda ckpt: (ckpt / "config.json").write_text(json.dumps({k: v for k, v in tiny_config().items() if k != "hidden_size"})), "hidden_size"),
+    "missing field": (
+        lambda ckpt: (ckpt / "config.json").write_text(
+            json.dumps({k: v for k, v in tiny_config().items() if k != "hidden_size"})
+        ),
+        "hidden_size",
+    ),
     "no safetensors": (lambda ckpt: (ckpt / "model.safetensors").unlink(), "no *.safetensors"),
     "truncated safetensors": (break_truncated, "not a readable safetensors"),
     "corrupt safetensors header": (break_corrupt_header, "not a readable safetensors"),
     "absurdly large safetensors header": (huge_header, "not a readable safetensors"),
-    "integer tensor": (rewrite_tensors(lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(np.int32)})), "expected F32, F16 or BF16"),
+    "integer tensor": (
+        rewrite_tensors(
+            lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(np.int32)})
+        ),
+        "expected F32, F16 or BF16",
+    ),
     "shard index not JSON": (shard_index("{"), "not a valid shard index"),
     "shard index without weight_map": (shard_index('{"metadata": {}}'), "not a valid shard index"),
-    "shard index naming a missing shard": (shard_index('{"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}'), "names shard"),
-    "missing tensor": (rewrite_tensors(lambda t: t.pop("model.layers.1.mlp.up_proj.weight")), "lacks tensor 'model.layers.1.mlp.up_proj.weight'"),
-    "unexpected tensor": (rewrite_tensors(lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": t["model.norm.weight"]})), "unexpected tensor"),
-    "shape mismatch": (rewrite_tensors(lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:-1]})), "shape (31,)"),
+    "shard index naming a missing shard": (
+        shard_index('{"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}'),
+        "names shard",
+    ),
+    "missing tensor": (
+        rewrite_tensors(lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+        "lacks tensor 'model.layers.1.mlp.up_proj.weight'",
+    ),
+    "unexpected tensor": (
+        rewrite_tensors(
+            lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": t["model.norm.weight"]})
+        ),
+        "unexpected tensor",
+    ),
+    "shape mismatch": (
+        rewrite_tensors(lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:-1]})),
+        "shape (31,)",
+    ),
     "no tokenizer": (lambda ckpt: None, "no tokenizer.json or tokenizer.model"),
 }
 
 
 def run(script, *args):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def assert_documented(message, tmp_path):
-    """The message, with temporary paths as … and memory sizes as N, is listed in docs/reliability.md."""
+    """The message, with temporary paths as … and memory sizes as N, is listed in
+    docs/reliability.md."""
     line = re.sub(r"[\d.]+ GiB", "N GiB", message.replace(str(tmp_path), "…"))
     assert line in CATALOGUE, f"docs/reliability.md lacks: {line}"
 
@@ -101,13 +148,17 @@ def assert_documented(message, tmp_path):
 def assert_clean_error(r, words, tmp_path):
     assert r.returncode == 2, f"exit {r.returncode}: {r.stderr}"
     assert "Traceback" not in r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
     assert_documented(lines[0], tmp_path)
 
 
 def snapshot(path):
-    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} if path.is_dir() else None
+    return (
+        {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+        if path.is_dir()
+        else None
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -127,8 +178,16 @@ def test_bad_checkpoint(case, tiny_ckpt, tmp_path):
     assert snapshot(ckpt) == before
 
 
-@pytest.mark.parametrize("content, words", [(None, "not found"), (b"", "is empty"), (b"  \n", "is empty"),
-                                            (b"caf\xe9 latin-1", "not UTF-8"), (b"\x00\x01\x02", "binary")])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (None, "not found"),
+        (b"", "is empty"),
+        (b"  \n", "is empty"),
+        (b"caf\xe9 latin-1", "not UTF-8"),
+        (b"\x00\x01\x02", "binary"),
+    ],
+)
 def test_bad_prompt(content, words, tiny_ckpt, tmp_path):
     prompt = tmp_path / "prompt.txt"
     if content is not None:
@@ -139,11 +198,20 @@ def test_bad_prompt(content, words, tiny_ckpt, tmp_path):
 
 def wordlevel_tokenizer(path, n):
     from tokenizers import Tokenizer, models
+
     Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0")).save(str(path))
 
 
-@pytest.mark.parametrize("case, words", [("corrupt tokenizer.json", "could not be loaded"),
-                                         ("tokenizer larger than the embedding", "the tokenizer has 100 tokens but the model only 64")])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("corrupt tokenizer.json", "could not be loaded"),
+        (
+            "tokenizer larger than the embedding",
+            "the tokenizer has 100 tokens but the model only 64",
+        ),
+    ],
+)
 def test_bad_tokenizer(case, words, tiny_ckpt, tmp_path):
     if case.startswith("corrupt"):
         (tiny_ckpt / "tokenizer.json").write_text('{"model": {"type": "nonsense"}}')
@@ -154,17 +222,26 @@ def test_bad_tokenizer(case, words, tiny_ckpt, tmp_path):
     assert_clean_error(run("generate.py", "--ckpt", tiny_ckpt, "--prompt", prompt), words, tmp_path)
 
 
-@pytest.mark.skipif(generate.available_memory() is None, reason="no /proc/meminfo: free memory unknown")
+@pytest.mark.skipif(
+    generate.available_memory() is None, reason="no /proc/meminfo: free memory unknown"
+)
 def test_prompt_larger_than_memory(tiny_ckpt, tmp_path):
     prompt = tmp_path / "huge.txt"
     with open(prompt, "wb") as f:
         f.truncate(1 << 40)  # a sparse file of 1 TiB: its size is all that is read
-    assert_clean_error(run("generate.py", "--ckpt", tiny_ckpt, "--prompt", prompt), "needs about", tmp_path)
+    assert_clean_error(
+        run("generate.py", "--ckpt", tiny_ckpt, "--prompt", prompt), "needs about", tmp_path
+    )
 
 
-OPTIONS = [(["--max-new-tokens", "-1"], "--max-new-tokens"), (["--temperature", "-0.5"], "--temperature"),
-           (["--n-local", "0"], "n_local (--n-local) is 0"), (["--n-global", "-1"], "n_global (--n-global) is -1"),
-           (["--n-local", "32", "--d-max", "10"], "d_max=10 < n_local - 1"), (["--top-k-middle", "-2"], "top_k (--top-k-middle) is -2")]
+OPTIONS = [
+    (["--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["--temperature", "-0.5"], "--temperature"),
+    (["--n-local", "0"], "n_local (--n-local) is 0"),
+    (["--n-global", "-1"], "n_global (--n-global) is -1"),
+    (["--n-local", "32", "--d-max", "10"], "d_max=10 < n_local - 1"),
+    (["--top-k-middle", "-2"], "top_k (--top-k-middle) is -2"),
+]
 if not torch.cuda.is_available():
     OPTIONS.append((["--device", "cuda"], "no CUDA GPU"))
 
@@ -173,12 +250,17 @@ if not torch.cuda.is_available():
 def test_bad_option(flags, words, sp_ckpt, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("hello")
-    assert_clean_error(run("generate.py", "--ckpt", sp_ckpt, "--prompt", prompt, *flags), words, tmp_path)
+    assert_clean_error(
+        run("generate.py", "--ckpt", sp_ckpt, "--prompt", prompt, *flags), words, tmp_path
+    )
 
 
 def test_bfloat16_on_a_cpu_without_it(tiny_ckpt, tmp_path):
-    with mock.patch.object(torch.cpu, "_is_avx512_bf16_supported", return_value=False), \
-            mock.patch.object(torch.cpu, "_is_amx_tile_supported", return_value=False), pytest.raises(generate.UserError) as e:
+    with (
+        mock.patch.object(torch.cpu, "_is_avx512_bf16_supported", return_value=False),
+        mock.patch.object(torch.cpu, "_is_amx_tile_supported", return_value=False),
+        pytest.raises(generate.UserError) as e,
+    ):
         generate.load_model(tiny_ckpt, "cpu", "bfloat16")
     assert "lacks bfloat16 instructions" in str(e.value)
     assert_documented("error: " + str(e.value), tmp_path)
@@ -187,25 +269,52 @@ def test_bfloat16_on_a_cpu_without_it(tiny_ckpt, tmp_path):
 def test_full_cache_larger_than_memory(sp_ckpt, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("the cat sat on the mat " * 50)
-    kwargs = dict(ckpt=sp_ckpt, prompt=prompt, max_new_tokens=4, temperature=0.0, seed=0, device="cpu", dtype="float32", n_global=2,
-                  n_local=None, d_max=None, top_k_middle=0, top_k_from_layer=0, top_k_distance=None)
+    kwargs = dict(
+        ckpt=sp_ckpt,
+        prompt=prompt,
+        max_new_tokens=4,
+        temperature=0.0,
+        seed=0,
+        device="cpu",
+        dtype="float32",
+        n_global=2,
+        n_local=None,
+        d_max=None,
+        top_k_middle=0,
+        top_k_from_layer=0,
+        top_k_distance=None,
+    )
     with mock.patch.object(generate, "available_memory", return_value=10**5):
-        generate.main(**kwargs, vanilla=False)  # LM-Infinite's cache is bounded: no question of memory
+        generate.main(
+            **kwargs, vanilla=False
+        )  # LM-Infinite's cache is bounded: no question of memory
         with pytest.raises(generate.UserError) as e:
             generate.main(**kwargs, vanilla=True)
     assert "a full KV cache for them needs" in str(e.value)
     assert_documented("error: " + re.sub(r"[\d.]+ GiB", "N GiB", str(e.value)), tmp_path)
 
 
-@pytest.mark.parametrize("args, words", [(["ppl", "--text", "PROMPT", "--max-tokens", "1"], "--max-tokens must be at least 2"),
-                                         (["passkey", "--lengths", "4k"], "--lengths '4k'"),
-                                         (["passkey", "--lengths", "64"], "too short for the prompt"),
-                                         (["plot", "PROMPT", "--out", "OUT"], "cannot read")])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["ppl", "--text", "PROMPT", "--max-tokens", "1"], "--max-tokens must be at least 2"),
+        (["passkey", "--lengths", "4k"], "--lengths '4k'"),
+        (["passkey", "--lengths", "64"], "too short for the prompt"),
+        (["plot", "PROMPT", "--out", "OUT"], "cannot read"),
+    ],
+)
 def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("hello there")
-    args = [{"PROMPT": prompt, "OUT": tmp_path / "x.png"}.get(a, a) for a in args] + (["--ckpt", sp_ckpt] if args[0] != "plot" else [])
-    r = subprocess.run([sys.executable, "-m", "lminf_min.eval", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    args = [{"PROMPT": prompt, "OUT": tmp_path / "x.png"}.get(a, a) for a in args] + (
+        ["--ckpt", sp_ckpt] if args[0] != "plot" else []
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "lminf_min.eval", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert_clean_error(r, words, tmp_path)
 
 
@@ -214,12 +323,18 @@ def test_conversion_never_overwrites_without_force(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("precious")
     assert_clean_error(run("weights.py", "smollm2", "--out", out), "already exists", tmp_path)
-    assert_clean_error(run("weights.py", "convert-gguf", tmp_path / "x.gguf", "--out", out), "not found", tmp_path)
+    assert_clean_error(
+        run("weights.py", "convert-gguf", tmp_path / "x.gguf", "--out", out), "not found", tmp_path
+    )
     assert (out / "notes.txt").read_text() == "precious"
 
 
 def test_bad_gguf_file(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\xff" * 100)
-    assert_clean_error(run("weights.py", "convert-gguf", bad, "--out", tmp_path / "out"), "not a readable GGUF", tmp_path)
+    assert_clean_error(
+        run("weights.py", "convert-gguf", bad, "--out", tmp_path / "out"),
+        "not a readable GGUF",
+        tmp_path,
+    )
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["bad.gguf"]

@@ -1,4 +1,6 @@
-"""The converted default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers' own GGUF loader."""
+"""The converted default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers' own GGUF
+loader."""
+
 import pytest
 import torch
 
@@ -12,10 +14,13 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def hf_gguf(default_ckpt):
-    """transformers' tokenizer and model read straight from the GGUF: an independent dequantizer and tokenizer builder."""
+    """transformers' tokenizer and model read straight from the GGUF: an independent dequantizer and
+    tokenizer builder."""
     gguf = weights.fetch_default_gguf()
     tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
     return tok, hf.eval()
 
 
@@ -27,8 +32,18 @@ def ours(default_ckpt):
 
 def test_config_is_smollm2(ours):
     _, c, _ = ours
-    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (30, 9, 3, 64)
-    assert (c.rope_theta, c.max_position_embeddings, c.vocab_size, c.tie_word_embeddings) == (1e5, 8192, 49152, True)
+    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (
+        30,
+        9,
+        3,
+        64,
+    )
+    assert (c.rope_theta, c.max_position_embeddings, c.vocab_size, c.tie_word_embeddings) == (
+        1e5,
+        8192,
+        49152,
+        True,
+    )
 
 
 def test_token_ids_match_transformers(ours, hf_gguf, botchan):
@@ -36,7 +51,9 @@ def test_token_ids_match_transformers(ours, hf_gguf, botchan):
     ids = ours[0].encode(text)
     assert ids == hf_gguf[0](text)["input_ids"]
     assert ours[0].decode(ids) == text
-    assert ours[0].encode("<|im_start|>user") == hf_gguf[0]("<|im_start|>user")["input_ids"]  # special tokens stay whole
+    assert (
+        ours[0].encode("<|im_start|>user") == hf_gguf[0]("<|im_start|>user")["input_ids"]
+    )  # special tokens stay whole
 
 
 def test_logits_match_transformers(ours, hf_gguf, botchan):
@@ -52,7 +69,11 @@ def test_greedy_continuation_matches_transformers(ours, hf_gguf, botchan):
     tok, config, w = ours
     ids = tok.encode(botchan[3000:4000])[:200]
     with torch.no_grad():
-        expected = hf_gguf[1].generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        expected = (
+            hf_gguf[1]
+            .generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :]
+            .tolist()
+        )
         cache = caches.KVCache(config.num_hidden_layers)
         logits, got = generate.prefill(w, config, torch.tensor(ids), cache), []
         for _ in range(32):

@@ -1,4 +1,5 @@
-"""Every third-party package the code imports is declared in pyproject.toml (a fresh install has it).
+"""Every third-party package the code imports is declared in pyproject.toml (a fresh install has
+it).
 
 The package and the two scripts may import only the runtime dependencies; the tests (and the worked
 solutions they load) may also import the test extra. Module names are mapped to the distributions

@@ -1,5 +1,7 @@
-"""Every command in the README's and docs' ```bash blocks is listed in docs/commands.md with its runtime, and the
-ones that take under a minute run as written here, in a fresh copy of the repository (so nothing committed changes)."""
+"""Every command in the README's and docs' ```bash blocks is listed in docs/commands.md with its
+runtime, and the ones that take under a minute run as written here, in a fresh copy of the
+repository (so nothing committed changes)."""
+
 import os
 import re
 import shutil
@@ -24,7 +26,8 @@ def documented():
 
 
 def listed():
-    """docs/commands.md's table: command -> (runtime, expected exit code or None if CI does not run it here)."""
+    """docs/commands.md's table: command -> (runtime, expected exit code or None if CI does not run
+    it here)."""
     rows = {}
     for line in (ROOT / "docs" / "commands.md").read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -43,9 +46,12 @@ def test_every_documented_command_is_listed_with_its_runtime():
 
 @pytest.fixture(scope="module")
 def fresh_copy(tmp_path_factory):
-    """The tracked files of the repository, with ../shared beside them, as a new user's clone has them."""
+    """The tracked files of the repository, with ../shared beside them, as a new user's clone has
+    them."""
     base = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout.split()
     for name in files:
         if (ROOT / name).is_file():
             (base / "main" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +66,15 @@ QUICK = [(c, code) for c, (runtime, code) in listed().items() if code is not Non
 @pytest.mark.parametrize("command,code", QUICK, ids=[c[:60] for c, _ in QUICK])
 def test_quick_commands_run_as_written(fresh_copy, command, code):
     env = dict(os.environ, PYTHONPATH=str(fresh_copy))
-    r = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=fresh_copy, env=env, timeout=120)
-    assert r.returncode == code, f"exit {r.returncode}, expected {code}\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
+    r = subprocess.run(
+        ["bash", "-c", command],
+        capture_output=True,
+        text=True,
+        cwd=fresh_copy,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == code, (
+        f"exit {r.returncode}, expected {code}\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
+    )
     assert "Traceback" not in r.stderr, r.stderr[-1500:]

@@ -1,4 +1,5 @@
 """Perplexity evaluation and the mask picture, against the NumPy definition and plain arithmetic."""
+
 import json
 import math
 import subprocess
@@ -8,24 +9,36 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import weights
 from conftest import ROOT, random_weights, tiny_config, write_checkpoint
-from lminf_min import eval as lm_eval, mask, reference
+from lminf_min import eval as lm_eval
+from lminf_min import mask, reference
 from lminf_min.config import LambdaConfig, LlamaConfig
 from lminf_min.tokenizer import Tokenizer
 
 
 def reference_nll(w, config, tokens, lam):
     logits = reference.forward(w, config, tokens, lam)[:-1]  # (T-1, V): predicts tokens 1..T-1
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     return -logp[np.arange(len(tokens) - 1), tokens[1:]]
 
 
 @settings(max_examples=12, deadline=None)
-@given(G=st.integers(0, 4), L=st.integers(1, 12), T=st.integers(2, 60), chunk=st.integers(1, 25), vanilla=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(
+    G=st.integers(0, 4),
+    L=st.integers(1, 12),
+    T=st.integers(2, 60),
+    chunk=st.integers(1, 25),
+    vanilla=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_chunked_nll_matches_one_pass_definition(G, L, T, chunk, vanilla, seed):
     """Chunks through the cache (queries = the last T of S keys) give the NumPy one-pass NLL."""
     cfg = tiny_config()
@@ -33,39 +46,96 @@ def test_chunked_nll_matches_one_pass_definition(G, L, T, chunk, vanilla, seed):
     lam = None if vanilla else LambdaConfig(G, L, L)
     tokens = np.random.default_rng(seed).integers(0, cfg["vocab_size"], T)
     with mock.patch.object(lm_eval, "CHUNK", chunk):
-        got = lm_eval.token_nll({n: torch.from_numpy(t) for n, t in w.items()}, config, torch.from_numpy(tokens), lam, progress=False)
+        got = lm_eval.token_nll(
+            {n: torch.from_numpy(t) for n, t in w.items()},
+            config,
+            torch.from_numpy(tokens),
+            lam,
+            progress=False,
+        )
     np.testing.assert_allclose(got.numpy(), reference_nll(w, config, tokens, lam), atol=1e-4)
 
 
 def test_buckets_are_position_ranges():
-    nll = torch.tensor([math.log(2.0)] * 5 + [math.log(8.0)] * 4, dtype=torch.float64)  # scores tokens at positions 1..9
+    nll = torch.tensor(
+        [math.log(2.0)] * 5 + [math.log(8.0)] * 4, dtype=torch.float64
+    )  # scores tokens at positions 1..9
     rows = lm_eval.bucketed(nll, 5)
     assert [(r["start"], r["end"]) for r in rows] == [(0, 5), (5, 10)]
     assert rows[0]["ppl"] == pytest.approx(2.0)  # positions 1-4
-    assert rows[1]["ppl"] == pytest.approx(math.exp((math.log(2) + 4 * math.log(8)) / 5))  # positions 5-9
+    assert rows[1]["ppl"] == pytest.approx(
+        math.exp((math.log(2) + 4 * math.log(8)) / 5)
+    )  # positions 5-9
 
 
 def test_eval_ppl_cli(sp_ckpt, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(["the cat sat on a mat and ran to see the dog"] * 20))
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    args = ["--ckpt", sp_ckpt, "--text", text, "--max-tokens", 100, "--n-global", 2, "--n-local", 16, "--bucket", 40, "--json", out, "--plot", png]
-    r = subprocess.run([sys.executable, "-m", "lminf_min.eval", "ppl", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    args = [
+        "--ckpt",
+        sp_ckpt,
+        "--text",
+        text,
+        "--max-tokens",
+        100,
+        "--n-global",
+        2,
+        "--n-local",
+        16,
+        "--bucket",
+        40,
+        "--json",
+        out,
+        "--plot",
+        png,
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "lminf_min.eval", "ppl", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
-    assert result["tokens"] == 100 and [(b["start"], b["end"]) for b in result["buckets"]] == [(0, 40), (40, 80), (80, 100)]
+    assert result["tokens"] == 100 and [(b["start"], b["end"]) for b in result["buckets"]] == [
+        (0, 40),
+        (40, 80),
+        (80, 100),
+    ]
     assert png.stat().st_size > 1000 and "perplexity" in r.stdout
     both = tmp_path / "both.png"
-    r = subprocess.run([sys.executable, "-m", "lminf_min.eval", "plot", str(out), str(out), "--out", str(both)], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "lminf_min.eval", "plot", str(out), str(out), "--out", str(both)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0 and both.stat().st_size > 1000, r.stderr
 
 
 def test_mask_picture_rows_count_m_i(tmp_path):
     png = tmp_path / "m.png"
-    r = subprocess.run([sys.executable, "-m", "lminf_min.mask", "--length", "24", "--n-global", "3", "--n-local", "6", "--png", png],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lminf_min.mask",
+            "--length",
+            "24",
+            "--n-global",
+            "3",
+            "--n-local",
+            "6",
+            "--png",
+            png,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
-    rows = [l.split() for l in r.stdout.splitlines() if l.strip() and l.split()[0].isdigit()]
+    rows = [s.split() for s in r.stdout.splitlines() if s.strip() and s.split()[0].isdigit()]
     assert len(rows) == 24
     for i, row in enumerate(rows):
         m = min(i + 1, 6) + max(0, min(3, i - 6 + 1))
@@ -83,7 +153,7 @@ def test_sampled_stream_draws_whole_documents():
     i = 0
     while i + 3 <= len(flat):  # the stream is a sequence of whole documents (the last may be cut)
         size = 3 if flat[i] == 1 else 2
-        assert flat[i:i + size] == docs[0 if size == 3 else 1]
+        assert flat[i : i + size] == docs[0 if size == 3 else 1]
         i += size
 
 
@@ -91,11 +161,36 @@ def test_eval_stream_cli(sp_ckpt, tmp_path):
     a, b, out = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "s.json"
     a.write_text("the cat sat on the mat and ran to see the dog")
     b.write_text("a big red fish by the sea")
-    args = ["--ckpt", sp_ckpt, "--text", a, b, "--tokens", 300, "--segment", 100, "--n-global", 2, "--n-local", 16, "--json", out]
-    r = subprocess.run([sys.executable, "-m", "lminf_min.eval", "stream", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    args = [
+        "--ckpt",
+        sp_ckpt,
+        "--text",
+        a,
+        b,
+        "--tokens",
+        300,
+        "--segment",
+        100,
+        "--n-global",
+        2,
+        "--n-local",
+        16,
+        "--json",
+        out,
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "lminf_min.eval", "stream", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
-    assert [(s["start"], s["end"]) for s in result["segments"]] == [(1, 101), (101, 201), (201, 300)]
+    assert [(s["start"], s["end"]) for s in result["segments"]] == [
+        (1, 101),
+        (101, 201),
+        (201, 300),
+    ]
     assert all(math.isfinite(s["ppl"]) and s["ppl"] > 1 for s in result["segments"])
 
 
@@ -107,100 +202,223 @@ def test_passkey_prompt_has_exact_length_and_key_at_depth(sp_ckpt):
     ats = []
     for depth in (0.0, 0.3, 0.5, 1.0):
         ids, at = lm_eval.passkey_prompt(tok, 400, depth, "12345")
-        assert len(ids) == 400 and ids[at:at + len(key_ids)] == key_ids and ids[-len(question):] == question
+        assert (
+            len(ids) == 400
+            and ids[at : at + len(key_ids)] == key_ids
+            and ids[-len(question) :] == question
+        )
         ats.append(at)
     task = len(tok.encode(lm_eval.PASSKEY_TASK))
     n_units = (400 - task - len(key_ids) - len(question)) // unit
-    assert ats[0] == task and ats == sorted(ats) and ats[-1] == task + n_units * unit  # first, ..., after the last whole unit
+    assert (
+        ats[0] == task and ats == sorted(ats) and ats[-1] == task + n_units * unit
+    )  # first, ..., after the last whole unit
     assert abs(ats[2] - (task + n_units * unit / 2)) <= unit
     with pytest.raises(lm_eval.UserError, match="too short"):
         lm_eval.passkey_prompt(tok, len(key_ids) + len(question), 0.5, "12345")
 
 
 def numpy_greedy(w, config, ids, lam, decoding_from, n, vocab):
-    """n greedy tokens (of the first `vocab`) after ids under the NumPy definition (top-k for positions >= decoding_from)."""
+    """n greedy tokens (of the first `vocab`) after ids under the NumPy definition (top-k for
+    positions >= decoding_from)."""
     ids = list(ids)
     for _ in range(n):
-        ids.append(int(reference.forward(w, config, np.array(ids), lam, decoding_from=decoding_from)[-1, :vocab].argmax()))
+        ids.append(
+            int(
+                reference.forward(w, config, np.array(ids), lam, decoding_from=decoding_from)[
+                    -1, :vocab
+                ].argmax()
+            )
+        )
     return ids[-n:]
 
 
 def test_eval_passkey_cli_answers_as_the_numpy_definition(sp_ckpt, tmp_path):
-    """Each method's answer is the NumPy definition's greedy continuation of the same prompt, inside and past the window."""
+    """Each method's answer is the NumPy definition's greedy continuation of the same prompt, inside
+    and past the window."""
     cfg = tiny_config()
-    ckpt = write_checkpoint(tmp_path / "sharp", cfg, random_weights(cfg, scale=0.6))  # sharper attention: the methods disagree
+    ckpt = write_checkpoint(
+        tmp_path / "sharp", cfg, random_weights(cfg, scale=0.6)
+    )  # sharper attention: the methods disagree
     (ckpt / "tokenizer.model").write_bytes((sp_ckpt / "tokenizer.model").read_bytes())
     out = tmp_path / "p.json"
-    args = ["passkey", "--ckpt", ckpt, "--lengths", "300,305,600", "--samples", 2, "--depths", 2, "--n-global", 2, "--n-local", 310,
-            "--top-k-middle", 2, "--top-k-from-layer", 1, "--top-k-distance", 20, "--json", out]
-    r = subprocess.run([sys.executable, "-m", "lminf_min.eval", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    args = [
+        "passkey",
+        "--ckpt",
+        ckpt,
+        "--lengths",
+        "300,305,600",
+        "--samples",
+        2,
+        "--depths",
+        2,
+        "--n-global",
+        2,
+        "--n-local",
+        310,
+        "--top-k-middle",
+        2,
+        "--top-k-from-layer",
+        1,
+        "--top-k-distance",
+        20,
+        "--json",
+        out,
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "lminf_min.eval", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 3 * 2 * 3 and "| 600 | LM-Infinite + top-2 | 0/2 | 0/1 | 0/1 |" in r.stdout
-    assert len({row["answer"] for row in rows[-3:]}) == 3  # past the window the three methods answer differently ...
+    assert (
+        len({row["answer"] for row in rows[-3:]}) == 3
+    )  # past the window the three methods answer differently ...
     tok, (config, tensors) = Tokenizer(ckpt), weights.load_checkpoint(ckpt)
     w = {n: t.numpy().astype(np.float64) for n, t in tensors.items()}
     n_question = len(tok.encode(lm_eval.PASSKEY_QUESTION))
-    methods = {"vanilla": None, "LM-Infinite": LambdaConfig(2, 310, 310), "LM-Infinite + top-2": LambdaConfig(2, 310, 310, 2, 1, 20)}
-    for row in rows[-3:] + rows[6:9] + rows[:1]:  # ... and each as its definition says: past the window, with only the answer
+    methods = {
+        "vanilla": None,
+        "LM-Infinite": LambdaConfig(2, 310, 310),
+        "LM-Infinite + top-2": LambdaConfig(2, 310, 310, 2, 1, 20),
+    }
+    for row in (
+        rows[-3:] + rows[6:9] + rows[:1]
+    ):  # ... and each as its definition says: past the window, with only the answer
         # past it (305 + 8 > 310), and inside it (where all three are causal attention)
         ids, _ = lm_eval.passkey_prompt(tok, row["length"], row["depth"], row["key"])
         lam = methods[row["method"]]
-        want = numpy_greedy(w, config, ids, lam, len(ids) - n_question if lam and lam.top_k else None, 8, tok.vocab_size)
+        want = numpy_greedy(
+            w,
+            config,
+            ids,
+            lam,
+            len(ids) - n_question if lam and lam.top_k else None,
+            8,
+            tok.vocab_size,
+        )
         assert row["answer"] == tok.decode(want), row
 
 
 def test_bench_generate_runs_ours_and_transformers(sp_ckpt, tmp_path):
-    """The side-by-side benchmark: our vanilla path chooses the same greedy tokens as transformers on the same prompt."""
+    """The side-by-side benchmark: our vanilla path chooses the same greedy tokens as transformers
+    on the same prompt."""
     pytest.importorskip("transformers")
     text, out = tmp_path / "t.txt", tmp_path / "b.json"
     text.write_text(" ".join(["the cat sat on a mat and ran to see the dog"] * 20))
-    args = ["generate", "--ckpt", sp_ckpt, "--text", text, "--prompt-tokens", 90, "--new-tokens", 6, "--json", out]
-    r = subprocess.run([sys.executable, "-m", "lminf_min.bench", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    args = [
+        "generate",
+        "--ckpt",
+        sp_ckpt,
+        "--text",
+        text,
+        "--prompt-tokens",
+        90,
+        "--new-tokens",
+        6,
+        "--json",
+        out,
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "lminf_min.bench", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
-    assert [row["run"] for row in result["rows"]] == ["lminf_min, LM-Infinite", "lminf_min, vanilla", "transformers, SDPA"]
+    assert [row["run"] for row in result["rows"]] == [
+        "lminf_min, LM-Infinite",
+        "lminf_min, vanilla",
+        "transformers, SDPA",
+    ]
     assert result["vanilla_equals_transformers"] and len(result["rows"][2]["tokens"]) == 6
     assert "| transformers, SDPA |" in r.stdout and "| 1.00x |" in r.stdout  # the baseline row
 
 
-@pytest.mark.parametrize("T, lam", [(5, LambdaConfig(3, 8, 8)), (50, LambdaConfig(3, 8, 8)), (50, LambdaConfig(0, 50, 50))])
+@pytest.mark.parametrize(
+    "T, lam",
+    [(5, LambdaConfig(3, 8, 8)), (50, LambdaConfig(3, 8, 8)), (50, LambdaConfig(0, 50, 50))],
+)
 def test_prefill_flops_count_weights_and_the_pairs_the_mask_allows(T, lam):
-    """bench's FLOP bound: 2 per layer weight per token, plus 4·H·D per (query, key) pair of mask.lambda_mask."""
+    """bench's FLOP bound: 2 per layer weight per token, plus 4·H·D per (query, key) pair of
+    mask.lambda_mask."""
     from lminf_min import bench
+
     cfg = tiny_config()
     config, w = LlamaConfig.from_dict(cfg), random_weights(cfg)
     layer_weights = sum(t.size for n, t in w.items() if ".layers." in n and t.ndim == 2)
     per_pair = 4 * config.num_attention_heads * config.head_dim * config.num_hidden_layers
-    assert bench.prefill_flops(config, T, lam) == 2 * T * layer_weights + per_pair * mask.lambda_mask(np.arange(T)[:, None], np.arange(T), lam).sum()
-    assert bench.prefill_flops(config, T, None) == 2 * T * layer_weights + per_pair * T * (T + 1) // 2
+    assert (
+        bench.prefill_flops(config, T, lam)
+        == 2 * T * layer_weights
+        + per_pair * mask.lambda_mask(np.arange(T)[:, None], np.arange(T), lam).sum()
+    )
+    assert (
+        bench.prefill_flops(config, T, None) == 2 * T * layer_weights + per_pair * T * (T + 1) // 2
+    )
 
 
 def test_bench_subcommands_print_tables_and_write_json(sp_ckpt, tmp_path):
-    """attention, prefill, decode and stream run on a tiny checkpoint: a table on stdout, rows in the JSON, and
-    the bounded cache's size the same at every context past the window while the full one grows."""
+    """attention, prefill, decode and stream run on a tiny checkpoint: a table on stdout, rows in
+    the JSON, and the bounded cache's size the same at every context past the window while the full
+    one grows."""
     pytest.importorskip("transformers")
     text = tmp_path / "t.txt"
     text.write_text(" ".join(["the cat sat on a mat and ran to see the dog"] * 30))
-    runs = {"attention": ["--lengths", "64,160", "--heads", "4,2,8", "--n-local", "32", "--profile"],
-            "prefill": ["--ckpt", sp_ckpt, "--text", text, "--lengths", "40,150"],
-            "decode": ["--ckpt", sp_ckpt, "--contexts", "100,300", "--tokens", "2", "--n-local", "16"],
-            "stream": ["--ckpt", sp_ckpt, "--tokens", "200", "--chunk", "16"]}
+    runs = {
+        "attention": ["--lengths", "64,160", "--heads", "4,2,8", "--n-local", "32", "--profile"],
+        "prefill": ["--ckpt", sp_ckpt, "--text", text, "--lengths", "40,150"],
+        "decode": ["--ckpt", sp_ckpt, "--contexts", "100,300", "--tokens", "2", "--n-local", "16"],
+        "stream": ["--ckpt", sp_ckpt, "--tokens", "200", "--chunk", "16"],
+    }
     rows = {}
     for name, args in runs.items():
-        r = subprocess.run([sys.executable, "-m", "lminf_min.bench", name, *map(str, args), "--json", tmp_path / f"{name}.json"],
-                           capture_output=True, text=True, cwd=ROOT)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lminf_min.bench",
+                name,
+                *map(str, args),
+                "--json",
+                tmp_path / f"{name}.json",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert r.returncode == 0, r.stderr
         rows[name] = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
-        assert r.stdout.count("\n| ") == len(rows[name]) + 1 and "threads" in r.stdout  # header + one line per row
+        assert (
+            r.stdout.count("\n| ") == len(rows[name]) + 1 and "threads" in r.stdout
+        )  # header + one line per row
         assert ("Self CPU time total" in r.stdout) == (name == "attention")  # --profile's table
     assert [row["tokens"] for row in rows["prefill"]] == [40, 150] and len(rows["stream"]) == 10
-    assert rows["prefill"][0]["FLOPs theirs / ours"] == 1.0 < rows["prefill"][1]["FLOPs theirs / ours"]  # L = 64
-    assert rows["decode"][0]["ours KV MiB"] == rows["decode"][1]["ours KV MiB"] < rows["decode"][1]["full KV MiB"]
-    assert rows["decode"][0]["ours KV MiB"] * 2**20 == 2 * 2 * 2 * 8 * (10 + 16) * 4  # k and v, layers, kv heads, dim, G + L, float32
-    assert all(row["tokens/s"] > 0 for row in rows["stream"]) and all(row["blocks ms"] > 0 and row["flex ms"] > 0 for row in rows["attention"])
-    assert [row["FLOPs Λ / causal"] for row in rows["attention"]] == [  # G=10, L=32: Λ mask cells / causal cells
-        mask.lambda_mask(np.arange(T)[:, None], np.arange(T), LambdaConfig(10, 32, 32)).sum() / (T * (T + 1) / 2) for T in (64, 160)]
+    assert (
+        rows["prefill"][0]["FLOPs theirs / ours"] == 1.0 < rows["prefill"][1]["FLOPs theirs / ours"]
+    )  # L = 64
+    assert (
+        rows["decode"][0]["ours KV MiB"]
+        == rows["decode"][1]["ours KV MiB"]
+        < rows["decode"][1]["full KV MiB"]
+    )
+    assert (
+        rows["decode"][0]["ours KV MiB"] * 2**20 == 2 * 2 * 2 * 8 * (10 + 16) * 4
+    )  # k and v, layers, kv heads, dim, G + L, float32
+    assert all(row["tokens/s"] > 0 for row in rows["stream"]) and all(
+        row["blocks ms"] > 0 and row["flex ms"] > 0 for row in rows["attention"]
+    )
+    assert [
+        row["FLOPs Λ / causal"] for row in rows["attention"]
+    ] == [  # G=10, L=32: Λ mask cells / causal cells
+        mask.lambda_mask(np.arange(T)[:, None], np.arange(T), LambdaConfig(10, 32, 32)).sum()
+        / (T * (T + 1) / 2)
+        for T in (64, 160)
+    ]
 
 
 def test_non_finite_logits_stop_the_evaluation(tiny_ckpt):

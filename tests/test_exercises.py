@@ -1,8 +1,11 @@
-"""The classroom exercises' checks (docs/exercises.md): each answer in lminf_min/exercises.py against a NumPy definition
-written here, pair by pair, independently of both the exercises and the solutions.
+"""The classroom exercises' checks (docs/exercises.md): each answer in lminf_min/exercises.py
+against a NumPy definition written here, pair by pair, independently of both the exercises and the
+solutions.
 
-Unwritten exercises are skipped, or fail with --attempted; --answers FILE checks another file (docs/solutions.py).
+Unwritten exercises are skipped, or fail with --attempted; --answers FILE checks another file
+(docs/solutions.py).
 """
+
 import importlib.util
 import json
 import math
@@ -12,8 +15,8 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 from conftest import ROOT
@@ -34,8 +37,11 @@ def ex(request):  # stateless: one per module, so hypothesis may share it
             return getattr(module, name)(*args)
         except NotImplementedError:
             if request.config.getoption("--attempted"):
-                pytest.fail(f"{name} is not written yet: replace its `raise NotImplementedError` in {path}")
+                pytest.fail(
+                    f"{name} is not written yet: replace its `raise NotImplementedError` in {path}"
+                )
             pytest.skip(f"{name} not attempted yet")
+
     return call
 
 
@@ -63,11 +69,14 @@ def test_window_mask(ex, T, G, L):
 def test_lambda_mask(ex, T, G, L):
     expected = each_pair(T, lambda i, j: i - j < L or j < G).astype(bool)
     np.testing.assert_array_equal(ex("lambda_mask", *grid(T), G, L), expected)
-    np.testing.assert_array_equal(expected, mask.lambda_mask(*grid(T), LambdaConfig(G, L, L)))  # as the model has it
+    np.testing.assert_array_equal(
+        expected, mask.lambda_mask(*grid(T), LambdaConfig(G, L, L))
+    )  # as the model has it
 
 
 def cache_numbers(i, G, L):
-    """StreamingLLM's cache in front of query i: the positions it holds, in order; a position's number is its index."""
+    """StreamingLLM's cache in front of query i: the positions it holds, in order; a position's
+    number is its index."""
     return sorted(set(range(min(G, i + 1))) | set(range(max(0, i - L + 1), i + 1)))
 
 
@@ -84,7 +93,9 @@ def test_streaming_distance(ex, T, G, L):
 @settings(max_examples=25, deadline=None)
 @given(**SIZES, stride=st.integers(1, 4))
 def test_dilated_mask(ex, T, G, L, stride):
-    seen = lambda i: {i - n * stride for n in range(L) if i - n * stride >= 0} | set(range(min(G, i + 1)))
+    seen = lambda i: (
+        {i - n * stride for n in range(L) if i - n * stride >= 0} | set(range(min(G, i + 1)))
+    )
     expected = each_pair(T, lambda i, j: j in seen(i)).astype(bool)
     np.testing.assert_array_equal(ex("dilated_mask", *grid(T), G, L, stride), expected)
 
@@ -98,44 +109,106 @@ def test_capped_distance(ex, T, d_max):
 
 
 @settings(max_examples=25, deadline=None)
-@given(T=st.integers(1, 60), G=SIZES["G"], L=SIZES["L"], k=st.integers(1, 6), seed=st.integers(0, 2**16))
+@given(
+    T=st.integers(1, 60),
+    G=SIZES["G"],
+    L=SIZES["L"],
+    k=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
 def test_top_k_middle(ex, T, G, L, k, seed):
     logits, i = np.random.default_rng(seed).standard_normal(T), T - 1
     middle = [j for j in range(T) if j >= G and i - j >= L]
     expected = sorted(middle, key=lambda j: -logits[j])[:k]
-    np.testing.assert_array_equal(np.asarray(ex("top_k_middle", logits, i, G, L, k)).reshape(-1), expected)
+    np.testing.assert_array_equal(
+        np.asarray(ex("top_k_middle", logits, i, G, L, k)).reshape(-1), expected
+    )
 
 
 def run_checks(*args):
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_exercises.py"),
-                           "-k", "not checks_tell and not runs_through", *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "tests" / "test_exercises.py"),
+            "-k",
+            "not checks_tell and not runs_through",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def test_checks_tell_the_starting_point_from_the_solutions():
-    """With --attempted, every check fails on the unmodified lminf_min/exercises.py and passes on docs/solutions.py."""
+    """With --attempted, every check fails on the unmodified lminf_min/exercises.py and passes on
+    docs/solutions.py."""
     stubs = run_checks("--attempted")
-    assert stubs.returncode == 1 and re.search(r"\b6 failed\b", stubs.stdout) and "0 passed" not in stubs.stdout, stubs.stdout[-2000:]
+    assert (
+        stubs.returncode == 1
+        and re.search(r"\b6 failed\b", stubs.stdout)
+        and "0 passed" not in stubs.stdout
+    ), stubs.stdout[-2000:]
     solved = run_checks("--attempted", "--answers", str(ROOT / "docs" / "solutions.py"))
-    assert solved.returncode == 0 and re.search(r"\b6 passed\b", solved.stdout), solved.stdout[-2000:]
+    assert solved.returncode == 0 and re.search(r"\b6 passed\b", solved.stdout), solved.stdout[
+        -2000:
+    ]
 
 
 def test_a_mask_answer_runs_through_compiled_flex_on_the_model(sp_ckpt, tmp_path):
-    """`run dilated_mask --flex`: the answer becomes the mask_mod of the torch model (compiled FlexAttention); its
-    perplexity equals the NumPy forward pass with the dilated mask built here pair by pair."""
+    """`run dilated_mask --flex`: the answer becomes the mask_mod of the torch model (compiled
+    FlexAttention); its perplexity equals the NumPy forward pass with the dilated mask built here
+    pair by pair."""
     text = tmp_path / "words.txt"
-    text.write_text(" ".join(np.random.default_rng(0).choice(["the", "cat", "sat", "on", "a", "mat"], 400)))
+    text.write_text(
+        " ".join(np.random.default_rng(0).choice(["the", "cat", "sat", "on", "a", "mat"], 400))
+    )
     T, G, L = 200, 2, 12
-    r = subprocess.run([sys.executable, "-m", "lminf_min.exercises", "run", "dilated_mask", "--flex", "--answers",
-                        str(ROOT / "docs" / "solutions.py"), "--ckpt", str(sp_ckpt), "--text", str(text), "--tokens", str(T),
-                        "--n-global", str(G), "--n-local", str(L)], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lminf_min.exercises",
+            "run",
+            "dilated_mask",
+            "--flex",
+            "--answers",
+            str(ROOT / "docs" / "solutions.py"),
+            "--ckpt",
+            str(sp_ckpt),
+            "--text",
+            str(text),
+            "--tokens",
+            str(T),
+            "--n-global",
+            str(G),
+            "--n-local",
+            str(L),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = float(re.search(r"FlexAttention\): ([\d.]+)", r.stdout)[1])
     ids = np.array(Tokenizer(sp_ckpt).encode(text.read_text())[:T])
-    seen = lambda i: {i - n * 2 for n in range(L // 2) if i - n * 2 >= 0} | set(range(min(G, i + 1)))  # stride 2, L/2 keys
+    seen = lambda i: (
+        {i - n * 2 for n in range(L // 2) if i - n * 2 >= 0} | set(range(min(G, i + 1)))
+    )  # stride 2, L/2 keys
     dilated = each_pair(len(ids), lambda i, j: j in seen(i)).astype(bool)
     cfg = LlamaConfig.from_dict(json.loads((sp_ckpt / "config.json").read_text()))
-    logits = reference.forward(load_file(str(sp_ckpt / "model.safetensors")), cfg, ids[:-1], LambdaConfig(G, L, L),
-                               mask=lambda i, j, lam: dilated[i, j])
+    logits = reference.forward(
+        load_file(str(sp_ckpt / "model.safetensors")),
+        cfg,
+        ids[:-1],
+        LambdaConfig(G, L, L),
+        mask=lambda i, j, lam: dilated[i, j],
+    )
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     expected = math.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean())

@@ -1,27 +1,49 @@
-"""GGUF conversion on a tiny Llama GGUF written here, laid out as llama.cpp's converter writes it."""
+"""GGUF conversion on a tiny Llama GGUF written here, laid out as llama.cpp's converter writes
+it."""
+
 import gguf
 import numpy as np
 import pytest
-import torch
 
 import weights
 from conftest import random_weights, tiny_config
 from lminf_min.config import UserError
 from lminf_min.tokenizer import Tokenizer
 
-TOKENS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", "ab", "abc"] + [f"<ctl{i}>" for i in range(35)]
-GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+TOKENS = (
+    [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    + ["Ġ", "ab", "abc"]
+    + [f"<ctl{i}>" for i in range(35)]
+)
+GGUF_NAMES = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def llama_cpp_permute(w, n_heads):
-    """What llama.cpp's convert_hf_to_gguf.py does to q_proj/k_proj rows (written from its description)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """What llama.cpp's convert_hf_to_gguf.py does to q_proj/k_proj rows (written from its
+    description)."""
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def gguf_name(hf):
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf in fixed:
         return fixed[hf]
     _, _, layer, *mid, last = hf.split(".")
@@ -33,19 +55,32 @@ def tiny_gguf(tmp_path):
     cfg = tiny_config(num_attention_heads=4, num_key_value_heads=2)
     hf = random_weights(cfg, seed=3)
     w = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
-    w.add_block_count(cfg["num_hidden_layers"]); w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"]); w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"]); w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_dimension_count(cfg["head_dim"]); w.add_rope_freq_base(cfg["rope_theta"]); w.add_layer_norm_rms_eps(1e-6)
-    w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("default"); w.add_token_list(TOKENS)
-    w.add_token_types([1] * 29 + [3] * 35); w.add_token_merges(["a b", "ab c"]); w.add_bos_token_id(29); w.add_eos_token_id(30)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(TOKENS)
+    w.add_token_types([1] * 29 + [3] * 35)
+    w.add_token_merges(["a b", "ab c"])
+    w.add_bos_token_id(29)
+    w.add_eos_token_id(30)
     for name, t in hf.items():
         if name.endswith("q_proj.weight"):
             t = llama_cpp_permute(t, cfg["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             t = llama_cpp_permute(t, cfg["num_key_value_heads"])
         w.add_tensor(gguf_name(name), t)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return tmp_path / "tiny.gguf", hf
 
 
@@ -53,20 +88,33 @@ def test_convert_gguf_round_trip(tiny_gguf, tmp_path):
     path, hf = tiny_gguf
     out = weights.convert_gguf(path, tmp_path / "ckpt")
     config, w = weights.load_checkpoint(out)
-    assert (config.num_attention_heads, config.num_key_value_heads, config.tie_word_embeddings) == (4, 2, False)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.tie_word_embeddings) == (
+        4,
+        2,
+        False,
+    )
     for name, t in hf.items():
-        np.testing.assert_array_equal(w[name].numpy(), t, err_msg=name)  # F32 in, F32 out: the Q/K rows are back in place
+        np.testing.assert_array_equal(
+            w[name].numpy(), t, err_msg=name
+        )  # F32 in, F32 out: the Q/K rows are back in place
     tok = Tokenizer(out)
-    assert tok.encode("abcab<ctl1>") == [TOKENS.index("abc"), TOKENS.index("ab"), TOKENS.index("<ctl1>")]
+    assert tok.encode("abcab<ctl1>") == [
+        TOKENS.index("abc"),
+        TOKENS.index("ab"),
+        TOKENS.index("<ctl1>"),
+    ]
 
 
 def test_interrupted_conversion_leaves_nothing(tiny_gguf, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(weights, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         weights.convert_gguf(tiny_gguf[0], tmp_path / "ckpt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]  # no ckpt, no half-written leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "tiny.gguf"
+    ]  # no ckpt, no half-written leftovers
 
 
 def test_force_replaces_only_after_success(tiny_gguf, tmp_path, monkeypatch):
@@ -75,10 +123,14 @@ def test_force_replaces_only_after_success(tiny_gguf, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="already exists"):
         weights.convert_gguf(tiny_gguf[0], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(weights, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(
+        weights, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
     with pytest.raises(KeyboardInterrupt):
         weights.convert_gguf(tiny_gguf[0], out, force=True)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # a failed --force keeps the old checkpoint
+    assert {
+        p.name: p.read_bytes() for p in out.iterdir()
+    } == before  # a failed --force keeps the old checkpoint
     monkeypatch.undo()
     weights.convert_gguf(tiny_gguf[0], out, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tiny.gguf"]

@@ -1,16 +1,24 @@
-"""docs/paper_map.md names real code: every `file.py:name`, `tests/…::test_name` and `python -m lminf_min.X sub` exists.
+"""docs/paper_map.md names real code: every `file.py:name`, `tests/…::test_name` and `python -m
+lminf_min.X sub` exists.
 
 Read with ast only (no imports), so this stays fast and needs no torch.
 """
+
 import ast
 import re
 
 from conftest import ROOT
 
 MAP = ROOT / "docs" / "paper_map.md"
-CODE_REF = re.compile(r"`([\w/.-]+\.py):([A-Za-z_][\w.]*)`")  # `lminf_min/caches.py:LambdaCache.rebase`
-TEST_REF = re.compile(r"`(tests/[\w/.-]+\.py)::([A-Za-z_]\w*)`")  # `tests/test_lambda.py::test_mask_row_counts`
-CLI_REF = re.compile(r"`python -m (lminf_min\.\w+)((?: [^`]*)?)`")  # `python -m lminf_min.eval ppl --vanilla`
+CODE_REF = re.compile(
+    r"`([\w/.-]+\.py):([A-Za-z_][\w.]*)`"
+)  # `lminf_min/caches.py:LambdaCache.rebase`
+TEST_REF = re.compile(
+    r"`(tests/[\w/.-]+\.py)::([A-Za-z_]\w*)`"
+)  # `tests/test_lambda.py::test_mask_row_counts`
+CLI_REF = re.compile(
+    r"`python -m (lminf_min\.\w+)((?: [^`]*)?)`"
+)  # `python -m lminf_min.eval ppl --vanilla`
 
 
 def text():
@@ -22,7 +30,8 @@ def parsed(path):
 
 
 def names_in(body):
-    """Functions, classes and assigned names defined directly in a module or class body: name -> node."""
+    """Functions, classes and assigned names defined directly in a module or class body: name ->
+    node."""
     found = {}
     for node in body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -67,15 +76,24 @@ def test_test_references_exist():
             missing.append(f"{path} (no such file)")
             continue
         module = parsed(path)
-        tests = {n.name for n in module.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-        tests |= {m.name for c in module.body if isinstance(c, ast.ClassDef) for m in c.body if isinstance(m, ast.FunctionDef)}
+        tests = {
+            n.name for n in module.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+        }
+        tests |= {
+            m.name
+            for c in module.body
+            if isinstance(c, ast.ClassDef)
+            for m in c.body
+            if isinstance(m, ast.FunctionDef)
+        }
         if name not in tests:
             missing.append(f"{path}::{name}")
     assert not missing, f"{MAP.name} names tests that do not exist: {missing}"
 
 
 def test_cli_references_exist():
-    """`python -m lminf_min.eval ppl`: the module exists, and if it has subcommands, this one is among them."""
+    """`python -m lminf_min.eval ppl`: the module exists, and if it has subcommands, this one is
+    among them."""
     refs = CLI_REF.findall(text())
     assert refs
     missing = []
@@ -86,7 +104,12 @@ def test_cli_references_exist():
             continue
         words = rest.split()
         source = path.read_text(encoding="utf-8")
-        if words and not words[0].startswith("-") and "add_subparsers" in source and f'add_parser("{words[0]}"' not in source \
-                and f'("{words[0]}",' not in source:  # diagnose.py adds parsers in a loop over ("name", help) pairs
+        if (
+            words
+            and not words[0].startswith("-")
+            and "add_subparsers" in source
+            and not re.search(rf'add_parser\(\s*"{words[0]}"', source)
+            and f'("{words[0]}",' not in source
+        ):  # diagnose.py adds parsers in a loop over ("name", help) pairs
             missing.append(f"{module} {words[0]}")
     assert not missing, f"{MAP.name} names commands that do not exist: {missing}"

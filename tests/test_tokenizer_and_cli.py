@@ -1,8 +1,9 @@
-"""Tokenizers (tokenizer.json and a sentencepiece model trained here) and generate.py end to end on a tiny checkpoint."""
+"""Tokenizers (tokenizer.json and a sentencepiece model trained here) and generate.py end to end on
+a tiny checkpoint."""
+
 import subprocess
 import sys
 
-import pytest
 import torch
 
 import weights
@@ -13,6 +14,7 @@ from lminf_min.tokenizer import Tokenizer
 
 def test_sentencepiece_tokenizer(sp_ckpt):
     import sentencepiece as spm
+
     sp = spm.SentencePieceProcessor(model_file=str(sp_ckpt / "tokenizer.model"))
     tok = Tokenizer(sp_ckpt)
     text = "the red dog sat by the sea"
@@ -27,19 +29,27 @@ def test_tokenizer_json_wins_over_sentencepiece(sp_ckpt, default_ckpt):
 
 
 def run_generate(*args):
-    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def test_generate_end_to_end_is_greedy_argmax(sp_ckpt, tmp_path):
-    """generate.py at temperature 0 prints exactly the tokens of an independent greedy loop over full forwards."""
+    """generate.py at temperature 0 prints exactly the tokens of an independent greedy loop over
+    full forwards."""
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("the cat sat on the mat and")
-    r = run_generate("--ckpt", sp_ckpt, "--prompt", prompt, "--max-new-tokens", 12, "--temperature", 0)
+    r = run_generate(
+        "--ckpt", sp_ckpt, "--prompt", prompt, "--max-new-tokens", 12, "--temperature", 0
+    )
     assert r.returncode == 0, r.stderr
     config, w = weights.load_checkpoint(sp_ckpt)
     tok, ids, new = Tokenizer(sp_ckpt), Tokenizer(sp_ckpt).encode(prompt.read_text()), []
     for _ in range(12):  # no cache: the whole sequence every step
-        nxt = int(model.forward(w, config, torch.tensor(ids + new))[-1, :tok.vocab_size].argmax())
+        nxt = int(model.forward(w, config, torch.tensor(ids + new))[-1, : tok.vocab_size].argmax())
         if nxt == config.eos_token_id:
             break
         new.append(nxt)
@@ -50,27 +60,68 @@ def test_generate_end_to_end_is_greedy_argmax(sp_ckpt, tmp_path):
 def test_generate_sampling_is_seeded(sp_ckpt, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("the dog")
-    runs = [run_generate("--ckpt", sp_ckpt, "--prompt", prompt, "--max-new-tokens", 20, "--temperature", 1.0, "--seed", s)
-            for s in (1, 1, 2)]
+    runs = [
+        run_generate(
+            "--ckpt",
+            sp_ckpt,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            20,
+            "--temperature",
+            1.0,
+            "--seed",
+            s,
+        )
+        for s in (1, 1, 2)
+    ]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr
     assert runs[0].stdout == runs[1].stdout != runs[2].stdout
 
 
 def test_help_explains_every_flag():
     out = run_generate("--help").stdout
-    for flag in ("--ckpt", "--prompt", "--max-new-tokens", "--temperature", "--seed", "--device", "--dtype", "--vanilla",
-                 "--n-global", "--n-local", "--d-max", "--top-k-middle", "--top-k-from-layer", "--top-k-distance"):
+    for flag in (
+        "--ckpt",
+        "--prompt",
+        "--max-new-tokens",
+        "--temperature",
+        "--seed",
+        "--device",
+        "--dtype",
+        "--vanilla",
+        "--n-global",
+        "--n-local",
+        "--d-max",
+        "--top-k-middle",
+        "--top-k-from-layer",
+        "--top-k-distance",
+    ):
         assert flag in out
 
 
 def test_generate_lambda_past_the_window_is_greedy_under_the_definition(sp_ckpt, tmp_path):
-    """Past a small window (G=2, L=8) generate.py prints the greedy tokens of the NumPy Λ forward."""
+    """Past a small window (G=2, L=8) generate.py prints the greedy tokens of the NumPy Λ
+    forward."""
     import numpy as np
+
     from lminf_min import reference
     from lminf_min.config import LambdaConfig
+
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("the cat sat on the mat and the dog ran to see a big red fish by the sea")
-    r = run_generate("--ckpt", sp_ckpt, "--prompt", prompt, "--max-new-tokens", 10, "--n-global", 2, "--n-local", 8)
+    r = run_generate(
+        "--ckpt",
+        sp_ckpt,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        10,
+        "--n-global",
+        2,
+        "--n-local",
+        8,
+    )
     assert r.returncode == 0, r.stderr
     config, w = weights.load_checkpoint(sp_ckpt)
     w = {n: t.numpy() for n, t in w.items()}
@@ -78,7 +129,9 @@ def test_generate_lambda_past_the_window_is_greedy_under_the_definition(sp_ckpt,
     ids, new = tok.encode(prompt.read_text()), []
     assert len(ids) > 16
     for _ in range(10):
-        nxt = int(np.argmax(reference.forward(w, config, np.array(ids + new), lam)[-1, :tok.vocab_size]))
+        nxt = int(
+            np.argmax(reference.forward(w, config, np.array(ids + new), lam)[-1, : tok.vocab_size])
+        )
         if nxt == config.eos_token_id:
             break
         new.append(nxt)
@@ -87,21 +140,51 @@ def test_generate_lambda_past_the_window_is_greedy_under_the_definition(sp_ckpt,
 
 
 def test_generate_top_k_middle_is_greedy_under_the_definition(sp_ckpt, tmp_path):
-    """--top-k-middle: generated tokens follow the NumPy definition with top-k rows from the prompt's end."""
+    """--top-k-middle: generated tokens follow the NumPy definition with top-k rows from the
+    prompt's end."""
     import numpy as np
+
     from lminf_min import reference
     from lminf_min.config import LambdaConfig
+
     prompt = tmp_path / "prompt.txt"
-    prompt.write_text("the cat sat on the mat and the dog ran to see a big red fish by the sea and the cat ate it")
-    r = run_generate("--ckpt", sp_ckpt, "--prompt", prompt, "--max-new-tokens", 8, "--n-global", 2, "--n-local", 6,
-                     "--top-k-middle", 3, "--top-k-from-layer", 1, "--top-k-distance", 4)
+    prompt.write_text(
+        "the cat sat on the mat and the dog ran to see a big red fish by the sea and the cat ate it"
+    )
+    r = run_generate(
+        "--ckpt",
+        sp_ckpt,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        8,
+        "--n-global",
+        2,
+        "--n-local",
+        6,
+        "--top-k-middle",
+        3,
+        "--top-k-from-layer",
+        1,
+        "--top-k-distance",
+        4,
+    )
     assert r.returncode == 0, r.stderr
     config, w = weights.load_checkpoint(sp_ckpt)
     w = {n: t.numpy() for n, t in w.items()}
-    tok, lam = Tokenizer(sp_ckpt), LambdaConfig(2, 6, 6, top_k=3, top_k_from_layer=1, top_k_distance=4)
+    tok, lam = (
+        Tokenizer(sp_ckpt),
+        LambdaConfig(2, 6, 6, top_k=3, top_k_from_layer=1, top_k_distance=4),
+    )
     ids, new = tok.encode(prompt.read_text()), []
     for _ in range(8):  # row len(ids) - 1 is prefill (no top-k); rows after it are decoded tokens
-        nxt = int(np.argmax(reference.forward(w, config, np.array(ids + new), lam, decoding_from=len(ids))[-1, :tok.vocab_size]))
+        nxt = int(
+            np.argmax(
+                reference.forward(w, config, np.array(ids + new), lam, decoding_from=len(ids))[
+                    -1, : tok.vocab_size
+                ]
+            )
+        )
         if nxt == config.eos_token_id:
             break
         new.append(nxt)

@@ -28,15 +28,15 @@ def read_prompt(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompt file {path} not found; pass --prompt with the path of a text file")
+    # its text and token ids take several times the file's size
     free, need = (
         available_memory(),
         4 * path.stat().st_size,
-    )  # its text and token ids take several times the file's size
+    )
     if free is not None and need > free:
         raise UserError(
             f"prompt file {path} needs about {need / 2**30:.1f} GiB of memory to read and "
-            "tokenize, more than the "
-            f"{free / 2**30:.1f} GiB available; split it into smaller files"
+            f"tokenize, more than the {free / 2**30:.1f} GiB available; split it into smaller files"
         )
     data = path.read_bytes()
     if b"\0" in data:
@@ -44,9 +44,8 @@ def read_prompt(path):
             f"prompt file {path} looks binary (it contains NUL bytes); pass a text file"
         )
     try:
-        text = (
-            data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-        )  # line endings as Python's text mode reads them
+        # line endings as Python's text mode reads them
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:
         raise UserError(
             f"prompt file {path} is not UTF-8 (byte {e.start}); convert it, e.g. with iconv -t "
@@ -80,9 +79,8 @@ def load_model(ckpt, device, dtype):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
-    has = lambda feature: getattr(
-        torch.cpu, f"_is_{feature}_supported", lambda: True
-    )()  # private to torch: assume yes if gone
+    # private to torch: assume yes if gone
+    has = lambda feature: getattr(torch.cpu, f"_is_{feature}_supported", lambda: True)()
     if device == "cpu" and dtype == "float16" and not has("amx_fp16"):
         print(
             "warning: this CPU has no float16 arithmetic, torch emulates it (several times slower "
@@ -130,9 +128,8 @@ def decode_one_token(weights, cfg, token, cache, lam=None, backend=None):
 def peak_memory_mb(device):
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )  # Linux reports KiB: the process's peak RSS
+    # Linux reports KiB: the process's peak RSS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @torch.inference_mode()
@@ -180,42 +177,39 @@ def main(
             file=sys.stderr,
         )
     cache = caches.new_cache(cfg, lam)
+    # keys, values
     per_token = (
         2
         * cfg.num_hidden_layers
         * cfg.num_key_value_heads
         * cfg.head_dim
         * weights["model.norm.weight"].element_size()
-    )  # keys, values
+    )
     grown = 2 * (len(ids) + max_new_tokens) * per_token  # the buffers double when full
     free = available_memory() if device == "cpu" else torch.cuda.mem_get_info()[0]
     if isinstance(cache, caches.KVCache) and free is not None and grown > free:
         raise UserError(
             f"the prompt has {len(ids)} tokens: a full KV cache for them needs {grown / 2**30:.1f} "
-            "GiB, more than the "
-            f"{free / 2**30:.1f} GiB available; drop --vanilla and --top-k-middle (LM-Infinite's "
-            "cache is bounded) or shorten the prompt"
+            f"GiB, more than the {free / 2**30:.1f} GiB available; drop --vanilla and "
+            "--top-k-middle (LM-Infinite's cache is bounded) or shorten the prompt"
         )
     generator = torch.Generator().manual_seed(seed)
-    backend = model.pick_backend(
-        device
-    )  # Λ attention: FlexAttention on CUDA, the block loop on CPU
+    # Λ attention: FlexAttention on CUDA, the block loop on CPU
+    backend = model.pick_backend(device)
     cache_is_bounded = isinstance(cache, caches.LambdaCache)
     t0 = time.perf_counter()
     logits = prefill(weights, cfg, torch.tensor(ids, device=device), cache, lam, backend)
     t1 = time.perf_counter()
     out, printed = [], ""
     for _ in range(max_new_tokens):
-        next_id = sample(
-            logits[: tok.vocab_size], temperature, generator
-        )  # padding rows past the vocabulary never win
+        # padding rows past the vocabulary never win
+        next_id = sample(logits[: tok.vocab_size], temperature, generator)
         if next_id == cfg.eos_token_id:
             break
         out.append(next_id)
         text_so_far = tok.decode(out)
-        if not text_so_far.endswith(
-            "\ufffd"
-        ):  # hold back a partial UTF-8 character until it is complete
+        # hold back a partial UTF-8 character until it is complete
+        if not text_so_far.endswith("\ufffd"):
             sys.stdout.write(text_so_far[len(printed) :])
             sys.stdout.flush()
             printed = text_so_far
@@ -227,10 +221,9 @@ def main(
     kind = f"bounded: G+L = {lam.n_global}+{lam.n_local} positions" if cache_is_bounded else "full"
     print(
         f"prompt {len(ids)} tokens, prefill {len(ids) / (t1 - t0):.0f} tokens/s; generated "
-        f"{len(out)} tokens, "
-        f"{len(out) / max(t2 - t1, 1e-9):.1f} tokens/s; KV cache {cache.nbytes() / 2**20:.0f} MiB "
-        f"({kind}); "
-        f"peak memory {peak_memory_mb(device):.0f} MiB ({device}, {dtype})",
+        f"{len(out)} tokens, {len(out) / max(t2 - t1, 1e-9):.1f} tokens/s; KV cache "
+        f"{cache.nbytes() / 2**20:.0f} MiB ({kind}); peak memory {peak_memory_mb(device):.0f} MiB "
+        f"({device}, {dtype})",
         file=sys.stderr,
     )
 

@@ -123,9 +123,8 @@ def load_checkpoint(ckpt, device="cpu", dtype=torch.float32):
                             f"{path.name}: unexpected tensor {name!r} (not part of a Llama model "
                             "with this config.json); remove it or fix config.json"
                         )
-                    header = f.get_slice(
-                        name
-                    )  # dtype and shape from the header: nothing is read before they check out
+                    # dtype and shape from the header: nothing is read before they check out
+                    header = f.get_slice(name)
                     if header.get_dtype() not in FLOAT_DTYPES:
                         raise UserError(
                             f"{path.name}: tensor {name!r} has dtype {header.get_dtype()}, "
@@ -331,9 +330,8 @@ def convert_gguf(gguf_path, out, force=False):
             str(tmp / "model.safetensors"),
             metadata={"format": "pt", "source": gguf_path.name},
         )
-        if (
-            out.exists()
-        ):  # --force: move the old one aside first, delete it only once the new one is in place
+        # --force: move the old one aside first, delete it only once the new one is in place
+        if out.exists():
             old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
             os.rename(out, old / out.name)
             os.rename(tmp, out)

@@ -69,9 +69,10 @@ def report(title, rows, json_out, **meta):
 
 
 def hf_model(ckpt, device, dtype):
+    # imported here: the other sub-commands do not need it
     from transformers import (
         LlamaForCausalLM,
-    )  # imported here: the other sub-commands do not need it
+    )
 
     return (
         LlamaForCausalLM.from_pretrained(
@@ -118,9 +119,8 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
                 q[None], k[None], v[None], is_causal=True, enable_gqa=True
             )
         )
-        blocks_ms = best_ms(
-            lambda: model.attention(q, k, v, 1e4, lam, pos, pos)
-        )  # as forward() calls it
+        # as forward() calls it
+        blocks_ms = best_ms(lambda: model.attention(q, k, v, 1e4, lam, pos, pos))
         flex_ms = best_ms(lambda: model.attention(q, k, v, 1e4, lam, pos, pos, backend=flex))
         rows.append(
             {
@@ -374,9 +374,8 @@ def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
             f"{text} holds only {len(ids)} tokens; pass a longer text or a smaller --prompt-tokens"
         )
     ids = torch.tensor(ids, device=device)
-    ours(
-        w, cfg, ids[:64], 2, LambdaConfig.for_model(cfg)
-    )  # warm-up: first calls pay for allocations and kernel choice
+    # warm-up: first calls pay for allocations and kernel choice
+    ours(w, cfg, ids[:64], 2, LambdaConfig.for_model(cfg))
     rows = []
     for name, lam in (
         ("lminf_min, LM-Infinite", LambdaConfig.for_model(cfg)),

@@ -83,9 +83,8 @@ class LambdaCache:
     def __init__(self, n_layers, lam: LambdaConfig, theta):
         self.lam, self.theta = lam, theta
         self.k, self.v = [None] * n_layers, [None] * n_layers  # (H_kv, G + L, D) each
-        self.pos = torch.full(
-            (lam.n_global + lam.n_local,), self.EMPTY
-        )  # absolute position held by each slot
+        # absolute position held by each slot
+        self.pos = torch.full((lam.n_global + lam.n_local,), self.EMPTY)
         # tokens seen: the position of the next one; forward() advances it after the last layer
         self.length = 0
         self.origin = 0
@@ -108,9 +107,8 @@ class LambdaCache:
         over together with the cache (one copy), then stored.
         """
         T, n = k.shape[1], self.pos.shape[0]
-        filled = min(
-            self.length, n
-        )  # slots fill in order (slot = position) until the ring first wraps
+        # slots fill in order (slot = position) until the ring first wraps
+        filled = min(self.length, n)
         if self.k[layer] is None:
             self.k[layer], self.v[layer] = (
                 k.new_zeros(k.shape[0], n, k.shape[2]),

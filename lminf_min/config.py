@@ -68,9 +68,8 @@ class LlamaConfig:
         ):
             d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
         d.setdefault("num_key_value_heads", d.get("num_attention_heads"))
-        if isinstance(
-            d.get("eos_token_id"), list
-        ):  # some configs list several; the first one ends generation
+        # some configs list several; the first one ends generation
+        if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = d["eos_token_id"][0] if d["eos_token_id"] else None
         kwargs = {}
         for f in fields(cls):

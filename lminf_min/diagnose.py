@@ -44,9 +44,10 @@ def row_logits(q, k, i, theta, lam):
     j = torch.arange(i + 1, device=q.device)
     far = j[(j < lam.n_global) & (i - j > lam.d_max)]
     if len(far):
+        # (H, g, D)
         q_at = model.rope(
             q.float()[:, None, :], model.rope_angles(-(i - far - lam.d_max), D, theta)
-        )  # (H, g, D)
+        )
         s[:, far] = torch.einsum("hgd,hgd->hg", q_at, k[:, far]) / math.sqrt(D)
     return s.masked_fill(~((i - j < lam.n_local) | (j < lam.n_global)), -math.inf)
 
@@ -143,18 +144,16 @@ def plot_entropy(ax, result):
 
 def logits_cmd(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, png, json_out):
     writable(json_out)
-    edges = np.unique(
-        np.geomspace(1, tokens, 40).astype(int)
-    )  # distance buckets [edges[b], edges[b + 1])
+    # distance buckets [edges[b], edges[b + 1])
+    edges = np.unique(np.geomspace(1, tokens, 40).astype(int))
     found = {}  # run -> largest logit per distance bucket
 
     def take(run, lam, layer, i, logits):
         best = found.setdefault(run, np.full(len(edges), -np.inf))
         top = logits.max(0).values.cpu().numpy()  # (i + 1,): largest over heads, per key j
         distance = i - np.arange(i + 1)
-        distance = (
-            distance if lam is None else np.minimum(distance, lam.d_max)
-        )  # the distance RoPE sees
+        # the distance RoPE sees
+        distance = distance if lam is None else np.minimum(distance, lam.d_max)
         for b in range(len(edges) - 1):
             part = top[(distance >= edges[b]) & (distance < edges[b + 1])]
             if len(part):

@@ -46,19 +46,20 @@ def stream_nll(weights, cfg, chunks, lam, backend=None):
     One pass through the cache (bounded for LM-Infinite): memory does not grow with the stream.
     Every logit is checked to be finite.
     """
+    # last: log-probs after the previous chunk, for this chunk's first token
     cache, last, seen = (
         caches.new_cache(cfg, lam),
         None,
         0,
-    )  # last: log-probs after the previous chunk, for this chunk's first token
+    )
     for chunk in chunks:
+        # (T, C)
         hidden = model.forward(
             weights, cfg, chunk, cache, lam=lam, hidden_only=True, backend=backend
-        )  # (T, C)
+        )
         logp = torch.log_softmax(model.lm_head(weights, cfg, hidden), dim=-1)  # (T, V) float32
-        if not torch.isfinite(
-            logp
-        ).all():  # finite log-probabilities <=> finite logits: a finished run had no inf/NaN
+        # finite log-probabilities <=> finite logits: a finished run had no inf/NaN
+        if not torch.isfinite(logp).all():
             raise UserError(
                 f"inf or NaN logits in the chunk of {len(chunk)} tokens after token {seen}; try "
                 "--dtype float32"
@@ -82,9 +83,8 @@ def bucketed(nll, bucket):
     text."""
     rows = []
     for start in range(0, len(nll) + 1, bucket):
-        part = nll[
-            max(start - 1, 0) : start - 1 + bucket
-        ]  # nll[t] scores the token at position t + 1
+        # nll[t] scores the token at position t + 1
+        part = nll[max(start - 1, 0) : start - 1 + bucket]
         if len(part):
             rows.append(
                 {
@@ -169,9 +169,8 @@ def stream(ckpt, text, tokens, segment, n_global, n_local, d_max, seed, json_out
     )
     rows, pending, total = [], torch.zeros(0, dtype=torch.float64), 0.0
     bar = tqdm(total=tokens - 1, desc="stream", unit="tok", file=sys.stderr)
-    for nll in itertools.chain(
-        nlls, [None]
-    ):  # None marks the end: report the last, partial segment
+    # None marks the end: report the last, partial segment
+    for nll in itertools.chain(nlls, [None]):
         if nll is not None:
             bar.update(len(nll))
             pending, total = torch.cat([pending, nll]), total + float(nll.sum())
@@ -345,9 +344,8 @@ def passkey(
         ),
     }
     for length in lengths:
-        passkey_prompt(
-            tok, length, 0.5, "10000"
-        )  # a clear error for a length too short, before any work
+        # a clear error for a length too short, before any work
+        passkey_prompt(tok, length, 0.5, "10000")
     rows = []
     bar = tqdm(total=len(lengths) * samples, desc="passkey", unit="prompt", file=sys.stderr)
     for length, s in itertools.product(lengths, range(samples)):
@@ -358,15 +356,12 @@ def passkey(
         ids, key_at = passkey_prompt(tok, length, depth, key)
         ids = torch.tensor(ids, device=device)
         haystack, question = ids[:-n_question], ids[-n_question:]
-        cache = caches.KVCache(
-            cfg.num_hidden_layers
-        )  # a full cache, so that top-k can reuse LM-Infinite's haystack
-        prefill(
-            w, cfg, haystack[: lam.n_local], cache
-        )  # inside the first window Λ attention is causal attention: shared
-        if (
-            length + ANSWER_TOKENS <= lam.n_local
-        ):  # every query inside the window: the three are one computation (T <= L)
+        # a full cache, so that top-k can reuse LM-Infinite's haystack
+        cache = caches.KVCache(cfg.num_hidden_layers)
+        # inside the first window Λ attention is causal attention: shared
+        prefill(w, cfg, haystack[: lam.n_local], cache)
+        # every query inside the window: the three are one computation (T <= L)
+        if length + ANSWER_TOKENS <= lam.n_local:
             answers = dict.fromkeys(
                 methods, greedy_answer(w, cfg, cache, question, None, vocab, backend)
             )

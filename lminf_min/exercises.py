@@ -98,13 +98,11 @@ def perplexity(
 def flex_perplexity(cfg, weights, ids, lam, mask):
     """Perplexity of ids under the torch model in one pass, `mask` as the mask_mod of compiled
     FlexAttention."""
-    hidden = model.forward(
-        weights, cfg, ids, lam=lam, hidden_only=True, backend=model.Flex(mask)
-    )  # (T, C)
+    # (T, C)
+    hidden = model.forward(weights, cfg, ids, lam=lam, hidden_only=True, backend=model.Flex(mask))
     nll = []
-    for a in range(
-        0, len(ids) - 1, 1024
-    ):  # logits 1,024 rows at a time: (T, V) at once would be GBs
+    # logits 1,024 rows at a time: (T, V) at once would be GBs
+    for a in range(0, len(ids) - 1, 1024):
         logp = torch.log_softmax(
             model.lm_head(weights, cfg, hidden[a : min(a + 1024, len(ids) - 1)]), -1
         )
@@ -118,9 +116,9 @@ def main(argv=None):
         description="Run an exercise's answer on the default "
         "model: perplexity of the first --tokens tokens of a text, your change against LM-Infinite "
         "with the same small window (the NumPy reference forward pass: exact, slow, so keep it "
-        "short). "
-        "With --flex, a mask exercise runs instead as the mask_mod of the torch model's compiled "
-        "FlexAttention, at full length (e.g. --tokens 16384 --n-global 10 --n-local 8192).",
+        "short). With --flex, a mask exercise runs instead as the mask_mod of the torch model's "
+        "compiled FlexAttention, at full length "
+        "(e.g. --tokens 16384 --n-global 10 --n-local 8192).",
     )
     p.add_argument("command", choices=["run"])
     p.add_argument("exercise", choices=list(RUNS))
@@ -181,9 +179,8 @@ def main(argv=None):
     lam = LambdaConfig(a.n_global, a.n_local, a.n_local)
     try:
         change = make(ex, len(ids), a.n_global, a.n_local)
-        if (
-            what == "mask"
-        ):  # your function, on a small grid first: NotImplementedError shows up here
+        # your function, on a small grid first: NotImplementedError shows up here
+        if what == "mask":
             change(np.arange(4)[:, None], np.arange(4)[None, :], lam)
     except NotImplementedError:
         raise UserError(

@@ -57,9 +57,8 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=Fals
     if lam is not None and lam.d_max < lam.n_local - 1:
         raise UserError(
             f"d_max={lam.d_max} < n_local - 1 = {lam.n_local - 1} would cap distances inside the "
-            "window; "
-            "the fast path does not do that: use lminf_min.reference.attention, or d_max >= "
-            "n_local - 1"
+            "window; the fast path does not do that: use lminf_min.reference.attention, or d_max "
+            ">= n_local - 1"
         )
     if lam is not None:
         return (
@@ -68,9 +67,8 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=Fals
             else backend(q, k, v, theta, lam, q_pos, k_pos)
         )
     H, T, S = q.shape[0], q.shape[1], k.shape[1]
-    if (
-        T == S or T == 1 or q.device.type != "cpu"
-    ):  # the whole sequence, one new token, or not on CPU
+    # the whole sequence, one new token, or not on CPU
+    if T == S or T == 1 or q.device.type != "cpu":
         mask = (
             None
             if T == S or T == 1
@@ -130,12 +128,10 @@ class Flex:
         score_mod = None
         if is_start.any():
             rank = is_start.cumsum(0) - 1  # the row of each starting key in the table
-            q_far = rope(q, rope_angles(lam.d_max - q_pos, D, theta)).view(
-                -1, n, T, D
-            )  # rotated to d_max
-            k_start = rope(
-                k[:, is_start], rope_angles(-k_pos[is_start], D, theta)
-            )  # rotated back to 0
+            # rotated to d_max
+            q_far = rope(q, rope_angles(lam.d_max - q_pos, D, theta)).view(-1, n, T, D)
+            # rotated back to 0
+            k_start = rope(k[:, is_start], rope_angles(-k_pos[is_start], D, theta))
             table = (q_far.float() @ k_start.float()[:, None].transpose(-1, -2)).view(
                 H, T, -1
             ) / math.sqrt(D)
@@ -193,11 +189,12 @@ def lambda_attention(
     (H, T, D), H_kv = q.shape, k.shape[0]
     n = H // H_kv  # query heads per key/value head
     is_start = k_pos < G
+    # (H_kv, g, D), (1, g)
     k_start, v_start, jg = (
         k[:, is_start],
         v[:, is_start],
         k_pos[is_start][None, :],
-    )  # (H_kv, g, D), (1, g)
+    )
     # q_i and k_j are rotated by i and j, so their product is the logit at i - j. Past d_max, the
     # paper's trick: the query rotated to d_max and the key rotated back to 0 give the logit at
     # exactly d_max.
@@ -205,37 +202,38 @@ def lambda_attention(
         rope(q, rope_angles(d_max - q_pos, D, theta)),
         rope(k_start, rope_angles(-jg[0], D, theta)),
     )
+    # edges grow with the block: keep it well below L
     out, block = (
         torch.empty_like(q),
         min(most, max(64, L // 32)),
-    )  # edges grow with the block: keep it well below L
+    )
     for a in range(0, T, block):
         B = min(block, T - a)
         i = q_pos[a : a + B][:, None]  # (B, 1)
-        grouped = lambda x: (
-            x.reshape(H_kv, n, B, D) / math.sqrt(D)
-        )  # heads grouped by their key/value head
+        # heads grouped by their key/value head
+        grouped = lambda x: x.reshape(H_kv, n, B, D) / math.sqrt(D)
         qb, dg = grouped(q[:, a : a + B]), i - jg  # dg: distances to the starting tokens (B, g)
         full = (k_pos > i[-1] - L) & (k_pos <= i[0])  # band keys every query of the block sees
-        edge = (
-            (k_pos > i[0] - L) & (k_pos <= i[-1]) & ~full
-        )  # band keys only some see: at most 2·BLOCK - 2
+        # band keys only some see: at most 2·BLOCK - 2
+        edge = (k_pos > i[0] - L) & (k_pos <= i[-1]) & ~full
         de = i - k_pos[edge]
         edges = (
             torch.einsum("knbd,kgd->knbg", qb, k[:, edge])
             .float()
             .masked_fill_((de < 0) | (de >= L), -math.inf)
         )
+        # (H_kv, n, B, g)
         start = torch.where(
             dg > d_max,
             torch.einsum("knbd,kgd->knbg", grouped(q_far[:, a : a + B]), k_start0),
             torch.einsum("knbd,kgd->knbg", qb, k_start),
-        ).float()  # (H_kv, n, B, g)
+        ).float()
         start.masked_fill_(dg < L, -math.inf)  # inside the window they are band keys
+        # (logits (H_kv, n, B, *), values)
         groups = [
             (edges, v[:, edge][:, None]),
             (start, v_start[:, None]),
-        ]  # (logits (H_kv, n, B, *), values)
+        ]
         groups += [top_k_middle(qb, k, v, theta, lam, int(i), k_pos)] if top_k else []
         band = (
             [attend(q[:, a : a + B], keys_at(k, full), keys_at(v, full), cpu_kernel)]
@@ -320,9 +318,8 @@ def top_k_middle(qb, k, v, theta, lam: LambdaConfig, i, k_pos):
     k_at = rope(k_mid, rope_angles(i - k_pos[middle] - lam.top_k_distance, k.shape[2], theta))
     logits = torch.einsum("knbd,kmd->knbm", qb, k_at).float()  # (H_kv, H/H_kv, 1, M)
     top, index = logits.topk(min(lam.top_k, k_mid.shape[1]), dim=-1)  # (H_kv, H/H_kv, 1, K)
-    values = torch.stack(
-        [v_mid[kv, index[kv, :, 0]] for kv in range(k.shape[0])]
-    )  # (H_kv, H/H_kv, K, D)
+    # (H_kv, H/H_kv, K, D)
+    values = torch.stack([v_mid[kv, index[kv, :, 0]] for kv in range(k.shape[0])])
     return top, values
 
 
@@ -360,32 +357,29 @@ def forward(
         raise ValueError(f"decoding=True takes one token, not {T}")
     start, origin = cache.begin(T, lam) if cache is not None else (0, 0)
     q_pos = torch.arange(start, start + T, device=tokens.device)
-    angles = rope_angles(
-        q_pos - origin, D, cfg.rope_theta
-    )  # (T, D/2): small angles, see caches.LambdaCache
+    # (T, D/2): small angles, see caches.LambdaCache
+    angles = rope_angles(q_pos - origin, D, cfg.rope_theta)
     x = w["model.embed_tokens.weight"][tokens]  # (T, C)
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
         q = (h @ w[p + "self_attn.q_proj.weight"].T).view(T, H, D).transpose(0, 1)  # (H, T, D)
-        k = (
-            (h @ w[p + "self_attn.k_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)
-        )  # (H_kv, T, D)
-        v = (
-            (h @ w[p + "self_attn.v_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)
-        )  # (H_kv, T, D)
+        # (H_kv, T, D)
+        k = (h @ w[p + "self_attn.k_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)
+        # (H_kv, T, D)
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)
         q, k = rope(q, angles), rope(k, angles)
         if probe:
             probe(layer, q, k)
-        k, v, k_pos = (
-            cache.update(layer, k, v) if cache is not None else (k, v, q_pos)
-        )  # (H_kv, S, D), (S,)
+        # (H_kv, S, D), (S,)
+        k, v, k_pos = cache.update(layer, k, v) if cache is not None else (k, v, q_pos)
         top_k = decoding and lam is not None and lam.top_k > 0 and layer >= lam.top_k_from_layer
+        # (T, H*D)
         a = (
             attention(q, k, v, cfg.rope_theta, lam, q_pos, k_pos, top_k, backend)
             .transpose(0, 1)
             .reshape(T, H * D)
-        )  # (T, H*D)
+        )
         x = x + a @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         x = (

@@ -66,16 +66,13 @@ def attention_weights(
     q_at = rope(q[:, :, None, :], angles)  # (H, T, T, D): q_i rotated by δ(i, j)
     scores = np.einsum("hijd,hjd->hij", q_at, k) / np.sqrt(D)  # (H, T, T)
     visible = np.broadcast_to(mask(i, j, lam), (H, T, T)).copy()
-    if (
-        len(top_k_rows) and lam.top_k
-    ):  # paper §4: middle keys (G <= j, i - j >= L), per head, by logit at one distance
+    # paper §4: middle keys (G <= j, i - j >= L), per head, by logit at one distance
+    if len(top_k_rows) and lam.top_k:
         middle = (j >= lam.n_global) & (i - j >= lam.n_local)  # (T, T)
-        q_mid = rope(
-            q, rope_angles(np.full(T, lam.top_k_distance), D, theta)
-        )  # (H, T, D): q_i rotated by the distance
-        mid_scores = np.where(
-            middle, q_mid @ k.transpose(0, 2, 1) / np.sqrt(D), -np.inf
-        )  # (H, T, T)
+        # (H, T, D): q_i rotated by the distance
+        q_mid = rope(q, rope_angles(np.full(T, lam.top_k_distance), D, theta))
+        # (H, T, T)
+        mid_scores = np.where(middle, q_mid @ k.transpose(0, 2, 1) / np.sqrt(D), -np.inf)
         for h in range(H):
             for r in top_k_rows:
                 chosen = np.argsort(-mid_scores[h, r], kind="stable")[
@@ -119,26 +116,24 @@ def forward(
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-        q = (
-            (h @ w[p + "self_attn.q_proj.weight"].T).reshape(T, H, D).transpose(1, 0, 2)
-        )  # (H, T, D)
-        k = (
-            (h @ w[p + "self_attn.k_proj.weight"].T).reshape(T, H_kv, D).transpose(1, 0, 2)
-        )  # (H_kv, T, D)
-        v = (
-            (h @ w[p + "self_attn.v_proj.weight"].T).reshape(T, H_kv, D).transpose(1, 0, 2)
-        )  # (H_kv, T, D)
+        # (H, T, D)
+        q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(T, H, D).transpose(1, 0, 2)
+        # (H_kv, T, D)
+        k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(T, H_kv, D).transpose(1, 0, 2)
+        # (H_kv, T, D)
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(T, H_kv, D).transpose(1, 0, 2)
         k, v = repeat_kv(k, H // H_kv), repeat_kv(v, H // H_kv)  # (H, T, D)
         rows = (
             range(decoding_from, T)
             if decoding_from is not None and lam.top_k and layer >= lam.top_k_from_layer
             else ()
         )
+        # (T, H*D)
         a = (
             attention(q, k, v, cfg.rope_theta, lam, rows, mask, distance)
             .transpose(1, 0, 2)
             .reshape(T, H * D)
-        )  # (T, H*D)
+        )
         x = x + a @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T  # (T, F)

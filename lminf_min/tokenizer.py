@@ -16,9 +16,8 @@ class Tokenizer:
             if json_path.is_file():
                 from tokenizers import Tokenizer as HFTokenizer
 
-                self.hf = HFTokenizer.from_file(
-                    str(json_path)
-                )  # its post-processor decides about BOS
+                # its post-processor decides about BOS
+                self.hf = HFTokenizer.from_file(str(json_path))
                 self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
                 self.encode = lambda text: self.hf.encode(text).ids
                 self.decode = lambda ids: self.hf.decode(ids, skip_special_tokens=False)
@@ -27,9 +26,8 @@ class Tokenizer:
 
                 sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_path))
                 self.vocab_size = sp.get_piece_size()
-                bos = (
-                    [sp.bos_id()] if sp.bos_id() >= 0 else []
-                )  # Llama's sentencepiece models start with BOS
+                # Llama's sentencepiece models start with BOS
+                bos = [sp.bos_id()] if sp.bos_id() >= 0 else []
                 self.encode = lambda text: bos + sp.encode(text)
                 self.decode = lambda ids: sp.decode(list(ids))
             else:

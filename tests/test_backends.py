@@ -25,9 +25,8 @@ def ring_case(N, T, G, L, H_kv, rep, D, seed):
     )
     start = N - T
     window = [p for p in range(max(G, start - L + 1), start)]
-    ring = sorted(
-        window, key=lambda p: (p - G) % L
-    )  # slot order: wrapped once the stream passed G + L
+    # slot order: wrapped once the stream passed G + L
+    ring = sorted(window, key=lambda p: (p - G) % L)
     k_pos = torch.tensor(
         list(range(min(G, start))) + ring + list(range(start, N)), dtype=torch.int64
     )

@@ -285,9 +285,8 @@ def test_full_cache_larger_than_memory(sp_ckpt, tmp_path):
         top_k_distance=None,
     )
     with mock.patch.object(generate, "available_memory", return_value=10**5):
-        generate.main(
-            **kwargs, vanilla=False
-        )  # LM-Infinite's cache is bounded: no question of memory
+        # LM-Infinite's cache is bounded: no question of memory
+        generate.main(**kwargs, vanilla=False)
         with pytest.raises(generate.UserError) as e:
             generate.main(**kwargs, vanilla=True)
     assert "a full KV cache for them needs" in str(e.value)

@@ -51,9 +51,8 @@ def test_token_ids_match_transformers(ours, hf_gguf, botchan):
     ids = ours[0].encode(text)
     assert ids == hf_gguf[0](text)["input_ids"]
     assert ours[0].decode(ids) == text
-    assert (
-        ours[0].encode("<|im_start|>user") == hf_gguf[0]("<|im_start|>user")["input_ids"]
-    )  # special tokens stay whole
+    # special tokens stay whole
+    assert ours[0].encode("<|im_start|>user") == hf_gguf[0]("<|im_start|>user")["input_ids"]
 
 
 def test_logits_match_transformers(ours, hf_gguf, botchan):

@@ -73,9 +73,8 @@ def test_entropy_and_logits_commands(sp_ckpt, tmp_path):
         "LM-Infinite G=2 L=24 D=24",
     }
     lam_rows = np.array(e["entropy"]["LM-Infinite G=2 L=24 D=24"])  # (layers, rows)
-    assert (
-        lam_rows.shape == (2, diagnose.ROWS) and (lam_rows <= math.log(2 + 24) + 1e-5).all()
-    )  # a Λ row sees <= G + L keys
+    # a Λ row sees <= G + L keys
+    assert lam_rows.shape == (2, diagnose.ROWS) and (lam_rows <= math.log(2 + 24) + 1e-5).all()
     assert (tmp_path / "e.png").stat().st_size > 1000
     r = run("logits", *common, "--png", tmp_path / "l.png", "--json", tmp_path / "l.json")
     assert r.returncode == 0, r.stderr
@@ -85,10 +84,11 @@ def test_entropy_and_logits_commands(sp_ckpt, tmp_path):
         for x, d in zip(lg["largest_logit"]["LM-Infinite G=2 L=24 D=24"], lg["distance_from"])
         if d > 24
     ]
+    # Λ: no distance beyond D
     assert (
         any(x is not None for x in lg["largest_logit"]["vanilla"][-3:])
         and far
         and all(x is None for x in far)
-    )  # Λ: no distance beyond D
+    )
     r = run("mask", "--length", 12, "--n-global", 2, "--n-local", 4)
     assert r.returncode == 0 and "G=2 L=4" in r.stdout

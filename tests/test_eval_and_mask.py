@@ -57,15 +57,13 @@ def test_chunked_nll_matches_one_pass_definition(G, L, T, chunk, vanilla, seed):
 
 
 def test_buckets_are_position_ranges():
-    nll = torch.tensor(
-        [math.log(2.0)] * 5 + [math.log(8.0)] * 4, dtype=torch.float64
-    )  # scores tokens at positions 1..9
+    # scores tokens at positions 1..9
+    nll = torch.tensor([math.log(2.0)] * 5 + [math.log(8.0)] * 4, dtype=torch.float64)
     rows = lm_eval.bucketed(nll, 5)
     assert [(r["start"], r["end"]) for r in rows] == [(0, 5), (5, 10)]
     assert rows[0]["ppl"] == pytest.approx(2.0)  # positions 1-4
-    assert rows[1]["ppl"] == pytest.approx(
-        math.exp((math.log(2) + 4 * math.log(8)) / 5)
-    )  # positions 5-9
+    # positions 5-9
+    assert rows[1]["ppl"] == pytest.approx(math.exp((math.log(2) + 4 * math.log(8)) / 5))
 
 
 def test_eval_ppl_cli(sp_ckpt, tmp_path):
@@ -210,9 +208,8 @@ def test_passkey_prompt_has_exact_length_and_key_at_depth(sp_ckpt):
         ats.append(at)
     task = len(tok.encode(lm_eval.PASSKEY_TASK))
     n_units = (400 - task - len(key_ids) - len(question)) // unit
-    assert (
-        ats[0] == task and ats == sorted(ats) and ats[-1] == task + n_units * unit
-    )  # first, ..., after the last whole unit
+    # first, ..., after the last whole unit
+    assert ats[0] == task and ats == sorted(ats) and ats[-1] == task + n_units * unit
     assert abs(ats[2] - (task + n_units * unit / 2)) <= unit
     with pytest.raises(lm_eval.UserError, match="too short"):
         lm_eval.passkey_prompt(tok, len(key_ids) + len(question), 0.5, "12345")
@@ -237,9 +234,8 @@ def test_eval_passkey_cli_answers_as_the_numpy_definition(sp_ckpt, tmp_path):
     """Each method's answer is the NumPy definition's greedy continuation of the same prompt, inside
     and past the window."""
     cfg = tiny_config()
-    ckpt = write_checkpoint(
-        tmp_path / "sharp", cfg, random_weights(cfg, scale=0.6)
-    )  # sharper attention: the methods disagree
+    # sharper attention: the methods disagree
+    ckpt = write_checkpoint(tmp_path / "sharp", cfg, random_weights(cfg, scale=0.6))
     (ckpt / "tokenizer.model").write_bytes((sp_ckpt / "tokenizer.model").read_bytes())
     out = tmp_path / "p.json"
     args = [
@@ -274,9 +270,8 @@ def test_eval_passkey_cli_answers_as_the_numpy_definition(sp_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 3 * 2 * 3 and "| 600 | LM-Infinite + top-2 | 0/2 | 0/1 | 0/1 |" in r.stdout
-    assert (
-        len({row["answer"] for row in rows[-3:]}) == 3
-    )  # past the window the three methods answer differently ...
+    # past the window the three methods answer differently ...
+    assert len({row["answer"] for row in rows[-3:]}) == 3
     tok, (config, tensors) = Tokenizer(ckpt), weights.load_checkpoint(ckpt)
     w = {n: t.numpy().astype(np.float64) for n, t in tensors.items()}
     n_question = len(tok.encode(lm_eval.PASSKEY_QUESTION))
@@ -285,9 +280,8 @@ def test_eval_passkey_cli_answers_as_the_numpy_definition(sp_ckpt, tmp_path):
         "LM-Infinite": LambdaConfig(2, 310, 310),
         "LM-Infinite + top-2": LambdaConfig(2, 310, 310, 2, 1, 20),
     }
-    for row in (
-        rows[-3:] + rows[6:9] + rows[:1]
-    ):  # ... and each as its definition says: past the window, with only the answer
+    # ... and each as its definition says: past the window, with only the answer
+    for row in rows[-3:] + rows[6:9] + rows[:1]:
         # past it (305 + 8 > 310), and inside it (where all three are causal attention)
         ids, _ = lm_eval.passkey_prompt(tok, row["length"], row["depth"], row["key"])
         lam = methods[row["method"]]
@@ -393,22 +387,21 @@ def test_bench_subcommands_print_tables_and_write_json(sp_ckpt, tmp_path):
         )
         assert r.returncode == 0, r.stderr
         rows[name] = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
-        assert (
-            r.stdout.count("\n| ") == len(rows[name]) + 1 and "threads" in r.stdout
-        )  # header + one line per row
+        # header + one line per row
+        assert r.stdout.count("\n| ") == len(rows[name]) + 1 and "threads" in r.stdout
         assert ("Self CPU time total" in r.stdout) == (name == "attention")  # --profile's table
     assert [row["tokens"] for row in rows["prefill"]] == [40, 150] and len(rows["stream"]) == 10
+    # L = 64
     assert (
         rows["prefill"][0]["FLOPs theirs / ours"] == 1.0 < rows["prefill"][1]["FLOPs theirs / ours"]
-    )  # L = 64
+    )
     assert (
         rows["decode"][0]["ours KV MiB"]
         == rows["decode"][1]["ours KV MiB"]
         < rows["decode"][1]["full KV MiB"]
     )
-    assert (
-        rows["decode"][0]["ours KV MiB"] * 2**20 == 2 * 2 * 2 * 8 * (10 + 16) * 4
-    )  # k and v, layers, kv heads, dim, G + L, float32
+    # k and v, layers, kv heads, dim, G + L, float32
+    assert rows["decode"][0]["ours KV MiB"] * 2**20 == 2 * 2 * 2 * 8 * (10 + 16) * 4
     assert all(row["tokens/s"] > 0 for row in rows["stream"]) and all(
         row["blocks ms"] > 0 and row["flex ms"] > 0 for row in rows["attention"]
     )

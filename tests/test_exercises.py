@@ -69,9 +69,8 @@ def test_window_mask(ex, T, G, L):
 def test_lambda_mask(ex, T, G, L):
     expected = each_pair(T, lambda i, j: i - j < L or j < G).astype(bool)
     np.testing.assert_array_equal(ex("lambda_mask", *grid(T), G, L), expected)
-    np.testing.assert_array_equal(
-        expected, mask.lambda_mask(*grid(T), LambdaConfig(G, L, L))
-    )  # as the model has it
+    # as the model has it
+    np.testing.assert_array_equal(expected, mask.lambda_mask(*grid(T), LambdaConfig(G, L, L)))
 
 
 def cache_numbers(i, G, L):
@@ -197,9 +196,10 @@ def test_a_mask_answer_runs_through_compiled_flex_on_the_model(sp_ckpt, tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     got = float(re.search(r"FlexAttention\): ([\d.]+)", r.stdout)[1])
     ids = np.array(Tokenizer(sp_ckpt).encode(text.read_text())[:T])
+    # stride 2, L/2 keys
     seen = lambda i: (
         {i - n * 2 for n in range(L // 2) if i - n * 2 >= 0} | set(range(min(G, i + 1)))
-    )  # stride 2, L/2 keys
+    )
     dilated = each_pair(len(ids), lambda i, j: j in seen(i)).astype(bool)
     cfg = LlamaConfig.from_dict(json.loads((sp_ckpt / "config.json").read_text()))
     logits = reference.forward(

@@ -94,9 +94,8 @@ def test_convert_gguf_round_trip(tiny_gguf, tmp_path):
         False,
     )
     for name, t in hf.items():
-        np.testing.assert_array_equal(
-            w[name].numpy(), t, err_msg=name
-        )  # F32 in, F32 out: the Q/K rows are back in place
+        # F32 in, F32 out: the Q/K rows are back in place
+        np.testing.assert_array_equal(w[name].numpy(), t, err_msg=name)
     tok = Tokenizer(out)
     assert tok.encode("abcab<ctl1>") == [
         TOKENS.index("abc"),
@@ -112,9 +111,8 @@ def test_interrupted_conversion_leaves_nothing(tiny_gguf, tmp_path, monkeypatch)
     monkeypatch.setattr(weights, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         weights.convert_gguf(tiny_gguf[0], tmp_path / "ckpt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "tiny.gguf"
-    ]  # no ckpt, no half-written leftovers
+    # no ckpt, no half-written leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
 
 
 def test_force_replaces_only_after_success(tiny_gguf, tmp_path, monkeypatch):
@@ -128,9 +126,8 @@ def test_force_replaces_only_after_success(tiny_gguf, tmp_path, monkeypatch):
     )
     with pytest.raises(KeyboardInterrupt):
         weights.convert_gguf(tiny_gguf[0], out, force=True)
-    assert {
-        p.name: p.read_bytes() for p in out.iterdir()
-    } == before  # a failed --force keeps the old checkpoint
+    # a failed --force keeps the old checkpoint
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     monkeypatch.undo()
     weights.convert_gguf(tiny_gguf[0], out, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tiny.gguf"]

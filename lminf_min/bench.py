@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from generate import decode_one_token, load_model, peak_memory_mb, prefill, read_prompt
-from lminf_min import caches, model
-from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
-from lminf_min.eval import writable
+from lminf_min import caches, cli, model
+from lminf_min.config import LambdaConfig, UserError
+from lminf_min.generation import decode_one_token, prefill
 from lminf_min.tokenizer import Tokenizer
 
 
@@ -84,6 +83,7 @@ def hf_model(ckpt, device, dtype):
 
 
 def lengths_arg(text):
+    """Whole numbers separated by commas (argparse type)."""
     try:
         return [int(n) for n in text.split(",")]
     except ValueError:
@@ -97,7 +97,7 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
     """One layer's attention on random inputs: both Λ backends (the block loop, compiled
     FlexAttention) against SDPA with a causal mask. Flex's first call at each length compiles it
     (not timed)."""
-    writable(json_out)
+    cli.writable(json_out)
     device = (
         "cuda"
         if device == "auto" and torch.cuda.is_available()
@@ -150,9 +150,9 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
 def prefill_cmd(ckpt, text, lengths, json_out, device, dtype):
     """Prompt tokens/s: generate.py's prefill (LM-Infinite, bounded cache) against one transformers
     forward pass."""
-    writable(json_out)
-    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
-    ids = Tokenizer(ckpt).encode(read_prompt(text))
+    cli.writable(json_out)
+    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
+    ids = Tokenizer(ckpt).encode(cli.read_prompt(text))
     if len(ids) < max(lengths):
         raise UserError(
             f"{text} holds only {len(ids)} tokens; pass a longer text or smaller --lengths"
@@ -239,8 +239,8 @@ def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
     transformers (full cache)."""
     from transformers import DynamicCache
 
-    writable(json_out)
-    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
+    cli.writable(json_out)
+    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     hf, lam, rows, dt = (
         hf_model(ckpt, device, dtype),
         LambdaConfig.for_model(cfg, n_local=n_local),
@@ -299,8 +299,8 @@ def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
 def stream(ckpt, tokens, chunk, json_out, device, dtype):
     """Random tokens through LM-Infinite's bounded cache in chunks: tokens/s and peak memory per
     tenth of the stream."""
-    writable(json_out)
-    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
+    cli.writable(json_out)
+    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     lam, rows, g = LambdaConfig.for_model(cfg), [], torch.Generator().manual_seed(0)
     cache, step, backend = (
         caches.new_cache(cfg, lam),
@@ -319,7 +319,7 @@ def stream(ckpt, tokens, chunk, json_out, device, dtype):
             {
                 "tokens": f"{start}-{start + n}",
                 "tokens/s": n / (clock() - t0),
-                "peak MiB": round(peak_memory_mb(device)),
+                "peak MiB": round(cli.peak_memory_mb(device)),
             }
         )
     report(
@@ -366,9 +366,9 @@ def transformers_generate(ckpt, ids, new_tokens, dtype):
 def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
     if prompt_tokens < 1 or new_tokens < 1:
         raise UserError("--prompt-tokens and --new-tokens must be at least 1")
-    writable(json_out)
-    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
-    ids = Tokenizer(ckpt).encode(read_prompt(text))[:prompt_tokens]
+    cli.writable(json_out)
+    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
+    ids = Tokenizer(ckpt).encode(cli.read_prompt(text))[:prompt_tokens]
     if len(ids) < prompt_tokens:
         raise UserError(
             f"{text} holds only {len(ids)} tokens; pass a longer text or a smaller --prompt-tokens"
@@ -437,115 +437,64 @@ def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
-    )
+    parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "generate",
-        help="prompt + greedy continuation: generate.py (LM-Infinite, vanilla) vs transformers",
-        formatter_class=HelpFormatter,
+    out = ("--device", "--dtype", "--json")
+    cli.add_flags(
+        cli.subcommand(sub, "generate", "prompt + greedy continuation: ours vs transformers"),
+        "--ckpt",
+        *out,
+        text=dict(required=True, help="UTF-8 text whose first tokens are the prompt"),
+        prompt_tokens=dict(type=int, default=16384, help="prompt length in tokens"),
+        new_tokens=dict(type=int, default=64, help="greedy tokens generated after it"),
     )
-    p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
-    p.add_argument("--text", required=True, help="UTF-8 text whose first tokens are the prompt")
-    p.add_argument("--prompt-tokens", type=int, default=16384, help="prompt length in tokens")
-    p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens generated after it")
-    p.add_argument("--json", dest="json_out", help="write the table as JSON here")
-    p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available"
+    cli.add_flags(
+        cli.subcommand(sub, "attention", "one layer: both Λ backends vs SDPA causal, random data"),
+        *out,
+        lengths=dict(type=lengths_arg, default=[4096, 16384], help="sequence lengths"),
+        heads=dict(
+            type=lengths_arg,
+            default=[9, 3, 64],
+            help="query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)",
+        ),
+        n_global=dict(type=int, default=10, help="G: starting tokens"),
+        n_local=dict(type=int, default=8192, help="L: the window, and d_max"),
+        profile=dict(action="store_true", help="then print torch.profiler's table for one call"),
     )
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="weights and activations",
+    cli.add_flags(
+        cli.subcommand(sub, "prefill", "prompt tokens/s: our prefill vs transformers"),
+        "--ckpt",
+        *out,
+        text=dict(required=True, help="UTF-8 text whose first tokens are the prompts"),
+        lengths=dict(type=lengths_arg, default=[8192, 32768], help="prompt lengths"),
     )
-    p = sub.add_parser(
-        "attention",
-        help="one layer: Λ attention (block loop, FlexAttention) vs SDPA causal on random inputs",
-        formatter_class=HelpFormatter,
+    cli.add_flags(
+        cli.subcommand(sub, "decode", "ms/token after a long context vs transformers"),
+        "--ckpt",
+        *out,
+        contexts=dict(type=lengths_arg, default=[4096, 32768], help="context lengths"),
+        tokens=dict(
+            type=int, default=8, help="decode steps timed per context (the fastest counts)"
+        ),
+        n_local=dict(type=int, help="L of our cache (Llama-2's: 4096; default: training length)"),
     )
-    p.add_argument(
-        "--lengths",
-        type=lengths_arg,
-        default=[4096, 16384],
-        help="sequence lengths, comma-separated",
+    cli.add_flags(
+        cli.subcommand(sub, "stream", "tokens/s and memory of a random stream, bounded cache"),
+        "--ckpt",
+        *out,
+        tokens=dict(type=int, default=100000, help="stream length"),
+        chunk=dict(type=int, default=1024, help="tokens per forward pass"),
     )
-    p.add_argument(
-        "--heads",
-        type=lambda t: [int(n) for n in t.split(",")],
-        default=[9, 3, 64],
-        help="query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)",
-    )
-    p.add_argument("--n-global", type=int, default=10, help="G: starting tokens")
-    p.add_argument("--n-local", type=int, default=8192, help="L: the window, and d_max")
-    p.add_argument(
-        "--profile",
-        action="store_true",
-        help="then print torch.profiler's table for one Λ call at the last length",
-    )
-    p = sub.add_parser(
-        "prefill",
-        help="prompt tokens/s: generate.py's prefill vs transformers",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
-    p.add_argument("--text", required=True, help="UTF-8 text whose first tokens are the prompts")
-    p.add_argument(
-        "--lengths", type=lengths_arg, default=[8192, 32768], help="prompt lengths, comma-separated"
-    )
-    p = sub.add_parser(
-        "decode",
-        help="ms/token after a long context vs transformers (random cache contents)",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
-    p.add_argument(
-        "--contexts",
-        type=lengths_arg,
-        default=[4096, 32768],
-        help="context lengths, comma-separated",
-    )
-    p.add_argument(
-        "--tokens", type=int, default=8, help="decode steps timed per context (the fastest counts)"
-    )
-    p.add_argument(
-        "--n-local",
-        type=int,
-        help="L of our bounded cache (Llama-2's is 4096); default: the model's training length",
-    )
-    p = sub.add_parser(
-        "stream",
-        help="tokens/s and memory of a long random stream through the bounded cache",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
-    p.add_argument("--tokens", type=int, default=100000, help="stream length")
-    p.add_argument("--chunk", type=int, default=1024, help="tokens per forward pass")
-    for name in ("attention", "prefill", "decode", "stream"):
-        p = sub.choices[name]
-        p.add_argument("--json", dest="json_out", help="write the table as JSON here")
-        p.add_argument(
-            "--device",
-            default="auto",
-            choices=["auto", "cpu", "cuda"],
-            help="auto = cuda if available",
-        )
-        p.add_argument(
-            "--dtype",
-            default="float32",
-            choices=["float32", "bfloat16", "float16"],
-            help="weights and activations",
-        )
     args = vars(parser.parse_args(argv))
-    {
+    commands = {
         "generate": generate,
         "attention": attention,
         "prefill": prefill_cmd,
         "decode": decode,
         "stream": stream,
-    }[args.pop("command")](**args)
+    }
+    commands[args.pop("command")](**args)
 
 
 if __name__ == "__main__":
-    cli(main)()
+    cli.run(main)()

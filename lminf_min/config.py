@@ -1,7 +1,5 @@
-"""The model's shape, read from a checkpoint's config.json, and the project's error type."""
+"""The model's shape, read from a checkpoint's config.json; LM-Infinite's knobs; the error type."""
 
-import argparse
-import sys
 from dataclasses import MISSING, dataclass, fields
 
 
@@ -166,31 +164,3 @@ def _checked(name, value, type_):
             f"config.json: field {name!r} is {value!r}, expected {want}; fix config.json"
         )
     return float(value) if type_ is float else value
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default, except where there is none (None): its help text says what
-    happens."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def cli(main):
-    """Run a command-line entry point: a UserError becomes one line on stderr and exit code 2, not a
-    traceback."""
-
-    def run(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
-        except BrokenPipeError:  # the output was piped into e.g. `head`, which stopped reading
-            sys.stderr.close()
-            sys.exit(0)
-
-    return run

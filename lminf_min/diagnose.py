@@ -3,12 +3,10 @@
 
     python -m lminf_min.diagnose entropy --text FILE --tokens 12288 --png entropy.png
     python -m lminf_min.diagnose logits --text FILE --tokens 12288 --png logits.png
-    python -m lminf_min.diagnose mask --length 24 --n-global 3 --n-local 6 --png mask.png
 
 entropy: attention entropy per layer against position; logits: the largest logit against distance.
 """
 
-import argparse
 import json
 import math
 import sys
@@ -18,11 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from generate import load_model, read_prompt
-from lminf_min import mask as lmask
-from lminf_min import model
-from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
-from lminf_min.eval import add_common_args, writable
+from lminf_min import cli, model
+from lminf_min.config import LambdaConfig, UserError
 from lminf_min.tokenizer import Tokenizer
 
 ROWS = 48  # query positions sampled, evenly spread
@@ -64,8 +59,8 @@ def probe_runs(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, take
     """For vanilla and LM-Infinite: one forward pass over the text's first `tokens` tokens, calling
     take(run, lam, layer, i, logits) for each layer and each of ROWS sampled query positions i (lam
     None: vanilla)."""
-    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
-    ids = Tokenizer(ckpt).encode(read_prompt(text))[:tokens]
+    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
+    ids = Tokenizer(ckpt).encode(cli.read_prompt(text))[:tokens]
     if len(ids) < ROWS:
         raise UserError(f"{text} holds only {len(ids)} tokens; the diagnosis needs at least {ROWS}")
     lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
@@ -92,7 +87,7 @@ def probe_runs(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, take
 
 
 def entropy_cmd(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, png, json_out):
-    writable(json_out)
+    cli.writable(json_out)
     found = {}  # run -> (layers, rows) mean entropy over heads
     take = lambda run, lam, layer, i, logits: (
         found.setdefault(run, {}).setdefault(layer, []).append(float(entropy(logits).mean()))
@@ -143,7 +138,7 @@ def plot_entropy(ax, result):
 
 
 def logits_cmd(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, png, json_out):
-    writable(json_out)
+    cli.writable(json_out)
     # distance buckets [edges[b], edges[b + 1])
     edges = np.unique(np.geomspace(1, tokens, 40).astype(int))
     found = {}  # run -> largest logit per distance bucket
@@ -215,41 +210,25 @@ def save(result, json_out, png, draw):
         print(f"wrote {png}")
 
 
-def mask_cmd(length, n_global, n_local, d_max, png):
-    lam = LambdaConfig(n_global, n_local, n_local if d_max is None else d_max)
-    print(lmask.render(length, lam))
-    if png:
-        lmask.draw(length, lam, png)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
-    )
+    parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, what in (
         ("entropy", "attention entropy per layer against position, with the ln(G+L) bound"),
         ("logits", "largest attention logit against relative distance (the logit explosion)"),
     ):
-        p = sub.add_parser(name, help=what, formatter_class=HelpFormatter)
-        add_common_args(p)
-        p.add_argument("--text", required=True, help="UTF-8 text to read")
-        p.add_argument(
-            "--tokens",
-            type=int,
-            default=12288,
-            help="read the text's first N tokens (one pass each, no cache)",
+        cli.add_flags(
+            cli.subcommand(sub, name, what),
+            *cli.MODEL,
+            *cli.LAMBDA,
+            "--json",
+            text=dict(required=True, help="UTF-8 text to read"),
+            tokens=dict(type=int, default=12288, help="read the first N tokens (one pass each)"),
+            png=dict(help="draw the plot into this PNG"),
         )
-        p.add_argument("--png", help="draw the plot into this PNG")
-    p = sub.add_parser("mask", help="the picture of a Λ mask", formatter_class=HelpFormatter)
-    p.add_argument("--length", type=int, default=24, help="tokens")
-    p.add_argument("--n-global", type=int, default=3, help="G")
-    p.add_argument("--n-local", type=int, default=6, help="L")
-    p.add_argument("--d-max", type=int, help="D (default: L)")
-    p.add_argument("--png", help="draw it into this PNG")
     args = vars(parser.parse_args(argv))
-    {"entropy": entropy_cmd, "logits": logits_cmd, "mask": mask_cmd}[args.pop("command")](**args)
+    {"entropy": entropy_cmd, "logits": logits_cmd}[args.pop("command")](**args)
 
 
 if __name__ == "__main__":
-    cli(main)()
+    cli.run(main)()

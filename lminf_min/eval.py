@@ -7,7 +7,6 @@ python -m lminf_min.eval stream --text A.txt B.txt --tokens 200000        # boun
 python -m lminf_min.eval passkey --lengths 4096,16384 --samples 20        # a hidden number
 """
 
-import argparse
 import copy
 import dataclasses
 import itertools
@@ -21,22 +20,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from generate import decode_one_token, load_model, peak_memory_mb, prefill, read_prompt
-from lminf_min import caches, model
-from lminf_min.config import HelpFormatter, LambdaConfig, UserError, cli
+from lminf_min import caches, cli, model
+from lminf_min.config import LambdaConfig, UserError
+from lminf_min.generation import decode_one_token, prefill
 from lminf_min.tokenizer import Tokenizer
 
 # tokens per forward call: bounds the (chunk, vocab) logits; keys before it come from the cache
 CHUNK = 2048
-
-
-def writable(json_out):
-    """Fail now, not after hours of work, if the --json file could not be written."""
-    if json_out and not Path(json_out).resolve().parent.is_dir():
-        raise UserError(
-            f"cannot write {json_out}: its folder does not exist; create it or pick another --json "
-            "path"
-        )
 
 
 def stream_nll(weights, cfg, chunks, lam, backend=None):
@@ -156,10 +146,10 @@ def sampled_stream(docs, n_tokens, seed):
 def stream(ckpt, text, tokens, segment, n_global, n_local, d_max, seed, json_out, device, dtype):
     if tokens < 2 or segment < 1:
         raise UserError("--tokens must be at least 2 and --segment at least 1")
-    writable(json_out)
-    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
+    cli.writable(json_out)
+    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     lam, tok = LambdaConfig.for_model(cfg, n_global, n_local, d_max), Tokenizer(ckpt)
-    docs = [tok.encode(read_prompt(t)) for t in text]
+    docs = [tok.encode(cli.read_prompt(t)) for t in text]
     nlls = stream_nll(
         w,
         cfg,
@@ -182,7 +172,7 @@ def stream(ckpt, text, tokens, segment, n_global, n_local, d_max, seed, json_out
                     "start": start,
                     "end": start + len(part),
                     "ppl": math.exp(part.mean()),
-                    "peak_memory_mib": round(peak_memory_mb(device)),
+                    "peak_memory_mib": round(cli.peak_memory_mb(device)),
                 }
             )
             bar.write(
@@ -213,10 +203,10 @@ def ppl(
 ):
     if max_tokens < 2 or bucket < 1:
         raise UserError("--max-tokens must be at least 2 and --bucket at least 1")
-    writable(json_out)
-    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
+    cli.writable(json_out)
+    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     lam = None if vanilla else LambdaConfig.for_model(cfg, n_global, n_local, d_max)
-    ids = Tokenizer(ckpt).encode(read_prompt(text))[:max_tokens]
+    ids = Tokenizer(ckpt).encode(cli.read_prompt(text))[:max_tokens]
     if len(ids) < 2:
         raise UserError(f"{text} holds fewer than 2 tokens; perplexity needs a longer text")
     if len(ids) < max_tokens:
@@ -326,8 +316,8 @@ def passkey(
         ) from None
     if samples < 1 or depths < 1 or top_k_middle < 1:
         raise UserError("--samples, --depths and --top-k-middle must be at least 1")
-    writable(json_out)
-    ckpt, cfg, w, device = load_model(ckpt, device, dtype)
+    cli.writable(json_out)
+    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     tok, rng, backend = (
         Tokenizer(ckpt),
         torch.Generator().manual_seed(seed),
@@ -431,101 +421,52 @@ def passkey_table(rows, lengths, depths, methods):
     return "\n".join(lines)
 
 
-def add_common_args(p):
-    """Flags that ppl and stream share: checkpoint, the Λ knobs, output, device."""
-    p.add_argument("--ckpt", help="checkpoint directory; default: SmolLM2-135M-Instruct")
-    p.add_argument("--n-global", type=int, default=10, help="G: starting tokens every token sees")
-    p.add_argument(
-        "--n-local",
-        type=int,
-        help="L: window of recent tokens (default: the model's training length)",
-    )
-    p.add_argument(
-        "--d-max", type=int, help="D: largest distance ever scored, >= L - 1 (default: L)"
-    )
-    p.add_argument("--json", dest="json_out", help="write the result as JSON here")
-    p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available"
-    )
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="weights and activations",
-    )
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
-    )
+    parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "ppl", help="perplexity by position over one long text", formatter_class=HelpFormatter
+    common = (*cli.MODEL, *cli.LAMBDA, "--json")  # what ppl, stream and passkey share
+    cli.add_flags(
+        cli.subcommand(sub, "ppl", "perplexity by position over one long text"),
+        *common,
+        text=dict(required=True, help="UTF-8 text file"),
+        max_tokens=dict(type=int, required=True, help="evaluate the first N tokens of the text"),
+        vanilla=dict(action="store_true", help="full causal attention instead of LM-Infinite"),
+        bucket=dict(type=int, default=4096, help="positions per perplexity bucket"),
+        plot=dict(help="draw perplexity against position into this PNG"),
     )
-    add_common_args(p)
-    p.add_argument("--text", required=True, help="UTF-8 text file")
-    p.add_argument(
-        "--max-tokens", type=int, required=True, help="evaluate the first N tokens of the text"
+    cli.add_flags(
+        cli.subcommand(
+            sub, "stream", "perplexity of an endless stream of documents, bounded cache"
+        ),
+        *common,
+        text=dict(nargs="+", required=True, help="UTF-8 documents, drawn with replacement"),
+        tokens=dict(type=int, required=True, help="length of the stream"),
+        segment=dict(type=int, default=20000, help="tokens per reported perplexity"),
+        seed=dict(type=int, default=0, help="seed of the document draws"),
     )
-    p.add_argument(
-        "--vanilla", action="store_true", help="full causal attention instead of LM-Infinite"
+    cli.add_flags(
+        cli.subcommand(
+            sub, "passkey", "find a number hidden in filler: vanilla, LM-Infinite, + top-k"
+        ),
+        *common,
+        lengths=dict(default="4096,8192,16384,32768", help="prompt lengths, comma-separated"),
+        samples=dict(type=int, default=20, help="prompts per length, keys spread over depths"),
+        depths=dict(type=int, default=5, help="number of evenly spread key depths"),
+        top_k_middle=dict(type=int, default=5, help="K middle keys per head for the top-k method"),
+        top_k_from_layer=dict(type=int, default=0, help="first layer that sees them"),
+        top_k_distance=dict(type=int, help="distance they are scored at (default: L // 2)"),
+        seed=dict(type=int, default=0, help="seed of the keys"),
     )
-    p.add_argument("--bucket", type=int, default=4096, help="positions per perplexity bucket")
-    p.add_argument("--plot", help="draw perplexity against position into this PNG")
-    p = sub.add_parser(
-        "stream",
-        help="perplexity of an endless stream (documents drawn with replacement), bounded cache",
-        formatter_class=HelpFormatter,
-    )
-    add_common_args(p)
-    p.add_argument("--text", nargs="+", required=True, help="UTF-8 documents to draw from")
-    p.add_argument("--tokens", type=int, required=True, help="length of the stream")
-    p.add_argument("--segment", type=int, default=20000, help="tokens per reported perplexity")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document draws")
-    p = sub.add_parser(
-        "passkey",
-        help="find a 5-digit number hidden in filler: vanilla, LM-Infinite, LM-Infinite + top-k",
-        formatter_class=HelpFormatter,
-    )
-    add_common_args(p)
-    p.add_argument(
-        "--lengths",
-        default="4096,8192,16384,32768",
-        help="prompt lengths in tokens, comma-separated",
-    )
-    p.add_argument(
-        "--samples",
-        type=int,
-        default=20,
-        help="prompts per length, their keys spread over the depths",
-    )
-    p.add_argument("--depths", type=int, default=5, help="number of evenly spread key depths")
-    p.add_argument(
-        "--top-k-middle",
-        type=int,
-        default=5,
-        help="K middle keys per head for the top-k method (it keeps the whole cache)",
-    )
-    p.add_argument(
-        "--top-k-from-layer",
-        type=int,
-        default=0,
-        help="first layer that sees the top-k middle keys",
-    )
-    p.add_argument(
-        "--top-k-distance", type=int, help="distance they are scored at (default: L // 2)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the keys")
-    p = sub.add_parser(
-        "plot", help="draw several `ppl --json` results on one perplexity-vs-position plot"
-    )
-    p.add_argument("results", nargs="+", help="JSON files written by `ppl --json`")
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--title", default="perplexity by position", help="plot title")
+    cli.add_flags(
+        cli.subcommand(
+            sub, "plot", "draw several `ppl --json` results on one perplexity-by-position plot"
+        ),
+        out=dict(required=True, help="PNG file to write"),
+        title=dict(default="perplexity by position", help="plot title"),
+    ).add_argument("results", nargs="+", help="JSON files written by `ppl --json`")
     args = vars(parser.parse_args(argv))
     {"ppl": ppl, "stream": stream, "passkey": passkey, "plot": plot}[args.pop("command")](**args)
 
 
 if __name__ == "__main__":
-    cli(main)()
+    cli.run(main)()

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lminf_min import cli, model, reference
 from lminf_min import mask as definition
-from lminf_min import model, reference
 
 
 def window_mask(i, j, n_local):
@@ -149,7 +149,6 @@ def main(argv=None):
     )
     p.add_argument("--ckpt", default=None, help="checkpoint directory (default: the default model)")
     a = p.parse_args(argv)
-    from generate import load_model, read_prompt
     from lminf_min.config import LambdaConfig, UserError
     from lminf_min.tokenizer import Tokenizer
 
@@ -174,8 +173,8 @@ def main(argv=None):
         spec.loader.exec_module(ex)
     else:
         import lminf_min.exercises as ex
-    ckpt, cfg, w, _ = load_model(a.ckpt, "cpu", "float32")
-    ids = Tokenizer(ckpt).encode(read_prompt(a.text))[: a.tokens]
+    ckpt, cfg, w, _ = cli.load_model(a.ckpt, "cpu", "float32")
+    ids = Tokenizer(ckpt).encode(cli.read_prompt(a.text))[: a.tokens]
     lam = LambdaConfig(a.n_global, a.n_local, a.n_local)
     try:
         change = make(ex, len(ids), a.n_global, a.n_local)
@@ -210,6 +209,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from lminf_min.config import cli
-
-    cli(main)()
+    cli.run(main)()

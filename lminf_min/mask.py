@@ -8,11 +8,9 @@ checks. An exercise that changes the mask replaces lambda_mask (docs/exercises.m
     python -m lminf_min.mask --length 24 --n-global 3 --n-local 6 [--d-max 6] [--png mask.png]
 """
 
-import argparse
-
 import numpy as np
 
-from .config import HelpFormatter, LambdaConfig, UserError, cli
+from .config import LambdaConfig, UserError
 
 
 def lambda_mask(i, j, lam):
@@ -89,9 +87,9 @@ def main(length, n_global, n_local, d_max, png):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
-    )
+    from . import cli  # only the command line needs torch and the CLI plumbing
+
+    parser = cli.parser(__doc__)
     parser.add_argument("--length", type=int, default=24, help="sequence length T")
     parser.add_argument(
         "--n-global", type=int, default=3, help="G: starting tokens every later token sees"
@@ -101,4 +99,4 @@ if __name__ == "__main__":
     )
     parser.add_argument("--d-max", type=int, help="largest distance ever scored (default: L)")
     parser.add_argument("--png", help="also draw the mask into this PNG file")
-    cli(main)(**vars(parser.parse_args()))
+    cli.run(main)(**vars(parser.parse_args()))

@@ -19,6 +19,8 @@ from safetensors.numpy import save_file
 
 import generate
 from conftest import ROOT, random_weights, tiny_config
+from lminf_min import cli
+from lminf_min.config import UserError
 
 CATALOGUE = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
 
@@ -222,9 +224,7 @@ def test_bad_tokenizer(case, words, tiny_ckpt, tmp_path):
     assert_clean_error(run("generate.py", "--ckpt", tiny_ckpt, "--prompt", prompt), words, tmp_path)
 
 
-@pytest.mark.skipif(
-    generate.available_memory() is None, reason="no /proc/meminfo: free memory unknown"
-)
+@pytest.mark.skipif(cli.available_memory() is None, reason="no /proc/meminfo: free memory unknown")
 def test_prompt_larger_than_memory(tiny_ckpt, tmp_path):
     prompt = tmp_path / "huge.txt"
     with open(prompt, "wb") as f:
@@ -259,9 +259,9 @@ def test_bfloat16_on_a_cpu_without_it(tiny_ckpt, tmp_path):
     with (
         mock.patch.object(torch.cpu, "_is_avx512_bf16_supported", return_value=False),
         mock.patch.object(torch.cpu, "_is_amx_tile_supported", return_value=False),
-        pytest.raises(generate.UserError) as e,
+        pytest.raises(UserError) as e,
     ):
-        generate.load_model(tiny_ckpt, "cpu", "bfloat16")
+        cli.load_model(tiny_ckpt, "cpu", "bfloat16")
     assert "lacks bfloat16 instructions" in str(e.value)
     assert_documented("error: " + str(e.value), tmp_path)
 
@@ -284,10 +284,10 @@ def test_full_cache_larger_than_memory(sp_ckpt, tmp_path):
         top_k_from_layer=0,
         top_k_distance=None,
     )
-    with mock.patch.object(generate, "available_memory", return_value=10**5):
+    with mock.patch.object(cli, "available_memory", return_value=10**5):
         # LM-Infinite's cache is bounded: no question of memory
         generate.main(**kwargs, vanilla=False)
-        with pytest.raises(generate.UserError) as e:
+        with pytest.raises(UserError) as e:
             generate.main(**kwargs, vanilla=True)
     assert "a full KV cache for them needs" in str(e.value)
     assert_documented("error: " + re.sub(r"[\d.]+ GiB", "N GiB", str(e.value)), tmp_path)

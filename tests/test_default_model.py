@@ -4,9 +4,8 @@ loader."""
 import pytest
 import torch
 
-import generate
 import weights
-from lminf_min import caches, model
+from lminf_min import caches, generation, model
 from lminf_min.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -74,8 +73,8 @@ def test_greedy_continuation_matches_transformers(ours, hf_gguf, botchan):
             .tolist()
         )
         cache = caches.KVCache(config.num_hidden_layers)
-        logits, got = generate.prefill(w, config, torch.tensor(ids), cache), []
+        logits, got = generation.prefill(w, config, torch.tensor(ids), cache), []
         for _ in range(32):
-            got.append(generate.sample(logits, 0.0, None))
-            logits = generate.decode_one_token(w, config, torch.tensor(got[-1]), cache)
+            got.append(generation.sample(logits, 0.0, None))
+            logits = generation.decode_one_token(w, config, torch.tensor(got[-1]), cache)
     assert got == expected, f"ours: {tok.decode(got)!r}\ntransformers: {tok.decode(expected)!r}"

@@ -90,5 +90,3 @@ def test_entropy_and_logits_commands(sp_ckpt, tmp_path):
         and far
         and all(x is None for x in far)
     )
-    r = run("mask", "--length", 12, "--n-global", 2, "--n-local", 4)
-    assert r.returncode == 0 and "G=2 L=4" in r.stdout

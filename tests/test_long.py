@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import weights
-from generate import read_prompt
 from lminf_min import caches, model
+from lminf_min.cli import read_prompt
 from lminf_min.config import LambdaConfig
 from lminf_min.tokenizer import Tokenizer
 

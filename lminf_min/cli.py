@@ -1,0 +1,163 @@
+"""What the command lines share: each common flag declared once, a model and a prompt loaded from
+them with clear errors, and `cli`, which turns a UserError into one line on stderr and exit code 2.
+"""
+
+import argparse
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import UserError
+
+DEVICES, DTYPES = ["auto", "cpu", "cuda"], ["float32", "bfloat16", "float16"]
+FLAGS = {  # flag -> argparse keywords, for every command that takes it
+    "--ckpt": dict(help="checkpoint directory (default: SmolLM2-135M-Instruct, fetched once)"),
+    "--device": dict(default="auto", choices=DEVICES, help="auto = cuda if available"),
+    "--dtype": dict(default="float32", choices=DTYPES, help="weights and activations"),
+    "--n-global": dict(type=int, default=10, help="G: starting tokens every token sees"),
+    "--n-local": dict(type=int, help="L: window of recent tokens (default: the training length)"),
+    "--d-max": dict(type=int, help="D: largest distance ever scored, >= L - 1 (default: L)"),
+    "--json": dict(dest="json_out", help="write the result as JSON here"),
+}
+MODEL = ("--ckpt", "--device", "--dtype")  # the flags load_model takes
+LAMBDA = ("--n-global", "--n-local", "--d-max")  # LM-Infinite's knobs, LambdaConfig.for_model's
+
+
+def parser(doc):
+    """An argument parser described by the first paragraph of a module's docstring."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+
+
+def subcommand(sub, name, what):
+    return sub.add_parser(name, help=what, formatter_class=HelpFormatter)
+
+
+def add_flags(parser, *common, **own):
+    """The common flags named (FLAGS), then the command's own: name=dict(argparse keywords)."""
+    for flag in common:
+        parser.add_argument(flag, **FLAGS[flag])
+    for name, keywords in own.items():
+        parser.add_argument("--" + name.replace("_", "-"), **keywords)
+    return parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none (None): its help text says what
+    happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def run(main):
+    """Run a command-line entry point: a UserError becomes one line on stderr and exit code 2, not a
+    traceback."""
+
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        except BrokenPipeError:  # the output was piped into e.g. `head`, which stopped reading
+            sys.stderr.close()
+            sys.exit(0)
+
+    return run
+
+
+def read_prompt(path):
+    """The prompt file's text; a clear error if it is missing, empty, binary or not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompt file {path} not found; pass --prompt with the path of a text file")
+    # its text and token ids take several times the file's size
+    free, need = (
+        available_memory(),
+        4 * path.stat().st_size,
+    )
+    if free is not None and need > free:
+        raise UserError(
+            f"prompt file {path} needs about {need / 2**30:.1f} GiB of memory to read and "
+            f"tokenize, more than the {free / 2**30:.1f} GiB available; split it into smaller files"
+        )
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise UserError(
+            f"prompt file {path} looks binary (it contains NUL bytes); pass a text file"
+        )
+    try:
+        # line endings as Python's text mode reads them
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"prompt file {path} is not UTF-8 (byte {e.start}); convert it, e.g. with iconv -t "
+            "utf-8"
+        ) from None
+    if not text.strip():
+        raise UserError(f"prompt file {path} is empty; write some text in it")
+    return text
+
+
+def available_memory():
+    """Bytes this process can still get: MemAvailable, or less under a container's (cgroup v2)
+    limit; None if unknown."""
+    try:
+        free = int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return None
+    try:
+        limit, used = (
+            Path("/sys/fs/cgroup", f).read_text().strip() for f in ("memory.max", "memory.current")
+        )
+        return free if limit == "max" else min(free, int(limit) - int(used))
+    except (OSError, ValueError):
+        return free
+
+
+def load_model(ckpt, device, dtype):
+    """(checkpoint dir, config, weights, device) for the --ckpt, --device and --dtype flags, with
+    clear errors."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
+    # private to torch: assume yes if gone
+    has = lambda feature: getattr(torch.cpu, f"_is_{feature}_supported", lambda: True)()
+    if device == "cpu" and dtype == "float16" and not has("amx_fp16"):
+        print(
+            "warning: this CPU has no float16 arithmetic, torch emulates it (several times slower "
+            "than float32)",
+            file=sys.stderr,
+        )
+    if device == "cpu" and dtype == "bfloat16" and not (has("avx512_bf16") or has("amx_tile")):
+        raise UserError(
+            "--dtype bfloat16: this CPU lacks bfloat16 instructions (AVX512-BF16 or AMX), so torch "
+            "would emulate them slowly; use --dtype float32"
+        )
+    import weights as ckpts  # here, not above: weights.py's own command line uses this module
+
+    ckpt = Path(ckpt) if ckpt else ckpts.default_checkpoint()
+    cfg, weights = ckpts.load_checkpoint(ckpt, device=device, dtype=getattr(torch, dtype))
+    return ckpt, cfg, weights, device
+
+
+def peak_memory_mb(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    # Linux reports KiB: the process's peak RSS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def writable(json_out):
+    """Fail now, not after hours of work, if the --json file could not be written."""
+    if json_out and not Path(json_out).resolve().parent.is_dir():
+        raise UserError(
+            f"cannot write {json_out}: its folder does not exist; create it or pick another --json "
+            "path"
+        )

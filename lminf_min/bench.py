@@ -217,19 +217,14 @@ def prefill_flops(cfg, T, lam):
 
 
 def filled_cache(cfg, lam, context, device, dtype):
-    """Our cache as if `context` tokens had been read, with random keys and values (what they hold
-    does not change the cost)."""
-    cache, H_kv, D = caches.new_cache(cfg, lam), cfg.num_key_value_heads, cfg.head_dim
-    pos = torch.arange(context)
-    n = context if lam is None else cache.pos.shape[0]
-    if lam is not None:
-        keep = cache.kept(pos)
-        cache.pos[cache.slot(pos[keep])] = pos[keep]
+    """Our cache after `context` tokens of random keys and values (what they hold does not change
+    the cost), filled through its own begin / update / advance, as forward() fills it."""
+    cache, shape = caches.new_cache(cfg, lam), (cfg.num_key_value_heads, context, cfg.head_dim)
+    cache.begin(context, lam)
     for layer in range(cfg.num_hidden_layers):
-        cache.k[layer], cache.v[layer] = (
-            torch.randn(H_kv, n, D, device=device, dtype=dtype) for _ in "kv"
-        )
-    cache.length = context
+        k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in "kv")
+        cache.update(layer, k, v)
+    cache.advance(context)
     return cache
 
 

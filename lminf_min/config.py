@@ -100,9 +100,8 @@ class LambdaConfig:
     n_global: int  # G: the first G tokens stay visible to every later token ("starting tokens")
     n_local: int  # L: each token sees the L most recent tokens, itself included
     d_max: int  # D: no pair is scored at a relative distance larger than this
-    top_k: int = (
-        0  # decoding tokens also see, per head, the top_k middle keys (G <= j, i - j >= L) ...
-    )
+    # decoding tokens also see, per head, the top_k middle keys (G <= j, i - j >= L) ...
+    top_k: int = 0
     top_k_from_layer: int = 0  # ... in the layers from this one on ...
     top_k_distance: int = 0  # ... scored at this distance (for_model's default: L // 2)
 
@@ -130,15 +129,8 @@ class LambdaConfig:
         )
 
     def __post_init__(self):
-        for name, least in (
-            ("n_global", 0),
-            ("n_local", 1),
-            ("d_max", 0),
-            ("top_k", 0),
-            ("top_k_from_layer", 0),
-            ("top_k_distance", 0),
-        ):
-            value = getattr(self, name)
+        for name, value in vars(self).items():
+            least = 1 if name == "n_local" else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 flag = "--top-k-middle" if name == "top_k" else "--" + name.replace("_", "-")
                 raise UserError(f"{name} ({flag}) is {value!r}; it must be an integer >= {least}")

@@ -147,7 +147,7 @@ def main(argv=None):
         "compiled FlexAttention (minutes at 16k tokens on 2 cores; compare with eval ppl, "
         "docs/results.md)",
     )
-    p.add_argument("--ckpt", default=None, help="checkpoint directory (default: the default model)")
+    cli.add_flags(p, "--ckpt")
     a = p.parse_args(argv)
     from lminf_min.config import LambdaConfig, UserError
     from lminf_min.tokenizer import Tokenizer

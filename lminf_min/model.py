@@ -41,7 +41,7 @@ def rope(x, angles):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=False, backend=None):
+def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, middle=False, backend=None):
     """Attention of T queries over S keys. q: (H, T, D), k, v: (H_kv, S, D), rotated at their
     positions; q_pos (T,) and k_pos (S,) are those positions (absolute, int64).
 
@@ -51,7 +51,7 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=Fals
     matters: with 4-D inputs torch picks its fused flash kernel on CPU, 3x faster). With lam: Λ
     attention through `backend` (pick_backend chooses it once per device: Flex on CUDA, blocks on
     CPU); keys may come in any order (LambdaCache's ring).
-    top_k: one decoding query that also sees the lam.top_k middle keys with the largest logits
+    middle: one decoding query that also sees the lam.top_k middle keys with the largest logits
     (paper §4), always through blocks, which merges them into the same softmax.
     """
     if lam is not None and lam.d_max < lam.n_local - 1:
@@ -62,8 +62,8 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, top_k=Fals
         )
     if lam is not None:
         return (
-            blocks(q, k, v, theta, lam, q_pos, k_pos, top_k)
-            if top_k or backend is None
+            blocks(q, k, v, theta, lam, q_pos, k_pos, middle)
+            if middle or backend is None
             else backend(q, k, v, theta, lam, q_pos, k_pos)
         )
     H, T, S = q.shape[0], q.shape[1], k.shape[1]
@@ -147,7 +147,7 @@ class Flex:
 
 
 def blocks(
-    q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False, most=BLOCK, cpu_kernel=True
+    q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, middle=False, most=BLOCK, cpu_kernel=True
 ):
     """The block-loop backend: the queries still inside the first window take one causal call (Λ
     attention is exactly causal attention there), the others go through lambda_attention.
@@ -156,7 +156,7 @@ def blocks(
     other than the CPU take (tests run both on the CPU).
     """
     m = int((q_pos < lam.n_local).sum())  # queries still inside the first window
-    out = lambda_attention(q[:, m:], k, v, theta, lam, q_pos[m:], k_pos, top_k, most, cpu_kernel)
+    out = lambda_attention(q[:, m:], k, v, theta, lam, q_pos[m:], k_pos, middle, most, cpu_kernel)
     if m == 0:
         return out
     # Those m do plain causal attention over positions 0..S-1: no cache has wrapped yet, so these
@@ -170,14 +170,14 @@ def blocks(
 
 
 def lambda_attention(
-    q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, top_k=False, most=BLOCK, cpu_kernel=True
+    q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, middle=False, most=BLOCK, cpu_kernel=True
 ):
     """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory, a block of queries
     at a time.
 
     A query's logits fall into groups that share one softmax: the local band (its L most recent
     keys, at their true distance i - j <= L - 1 <= d_max, i.e. plain RoPE), the starting tokens j <
-    G that have left the window (i - j >= L), scored at δ = min(i - j, d_max), and with top_k (one
+    G that have left the window (i - j >= L), scored at δ = min(i - j, d_max), and with middle (one
     decoding query) per head the lam.top_k middle keys with the largest logits at lam.top_k_distance
     (paper §4). The band keys that every query of the block sees go through a fused kernel with no
     mask, which also returns each row's log-sum-exp; the few other logits (band edges, starting
@@ -234,7 +234,7 @@ def lambda_attention(
             (edges, v[:, edge][:, None]),
             (start, v_start[:, None]),
         ]
-        groups += [top_k_middle(qb, k, v, theta, lam, int(i), k_pos)] if top_k else []
+        groups += [top_k_middle(qb, k, v, theta, lam, int(i), k_pos)] if middle else []
         band = (
             [attend(q[:, a : a + B], keys_at(k, full), keys_at(v, full), cpu_kernel)]
             if full.any()
@@ -373,10 +373,11 @@ def forward(
             probe(layer, q, k)
         # (H_kv, S, D), (S,)
         k, v, k_pos = cache.update(layer, k, v) if cache is not None else (k, v, q_pos)
-        top_k = decoding and lam is not None and lam.top_k > 0 and layer >= lam.top_k_from_layer
+        # paper §4: a decoding token also sees the top-k middle keys, in the layers asking for them
+        middle = decoding and lam is not None and lam.top_k > 0 and layer >= lam.top_k_from_layer
         # (T, H*D)
         a = (
-            attention(q, k, v, cfg.rope_theta, lam, q_pos, k_pos, top_k, backend)
+            attention(q, k, v, cfg.rope_theta, lam, q_pos, k_pos, middle, backend)
             .transpose(0, 1)
             .reshape(T, H * D)
         )

@@ -69,9 +69,7 @@ def report(title, rows, json_out, **meta):
 
 def hf_model(ckpt, device, dtype):
     # imported here: the other sub-commands do not need it
-    from transformers import (
-        LlamaForCausalLM,
-    )
+    from transformers import LlamaForCausalLM
 
     return (
         LlamaForCausalLM.from_pretrained(

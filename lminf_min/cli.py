@@ -77,10 +77,7 @@ def read_prompt(path):
     if not path.is_file():
         raise UserError(f"prompt file {path} not found; pass --prompt with the path of a text file")
     # its text and token ids take several times the file's size
-    free, need = (
-        available_memory(),
-        4 * path.stat().st_size,
-    )
+    free, need = (available_memory(), 4 * path.stat().st_size)
     if free is not None and need > free:
         raise UserError(
             f"prompt file {path} needs about {need / 2**30:.1f} GiB of memory to read and "

@@ -37,11 +37,7 @@ def stream_nll(weights, cfg, chunks, lam, backend=None):
     Every logit is checked to be finite.
     """
     # last: log-probs after the previous chunk, for this chunk's first token
-    cache, last, seen = (
-        caches.new_cache(cfg, lam),
-        None,
-        0,
-    )
+    cache, last, seen = (caches.new_cache(cfg, lam), None, 0)
     for chunk in chunks:
         # (T, C)
         hidden = model.forward(

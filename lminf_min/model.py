@@ -190,11 +190,7 @@ def lambda_attention(
     n = H // H_kv  # query heads per key/value head
     is_start = k_pos < G
     # (H_kv, g, D), (1, g)
-    k_start, v_start, jg = (
-        k[:, is_start],
-        v[:, is_start],
-        k_pos[is_start][None, :],
-    )
+    k_start, v_start, jg = (k[:, is_start], v[:, is_start], k_pos[is_start][None, :])
     # q_i and k_j are rotated by i and j, so their product is the logit at i - j. Past d_max, the
     # paper's trick: the query rotated to d_max and the key rotated back to 0 give the logit at
     # exactly d_max.
@@ -203,10 +199,7 @@ def lambda_attention(
         rope(k_start, rope_angles(-jg[0], D, theta)),
     )
     # edges grow with the block: keep it well below L
-    out, block = (
-        torch.empty_like(q),
-        min(most, max(64, L // 32)),
-    )
+    out, block = (torch.empty_like(q), min(most, max(64, L // 32)))
     for a in range(0, T, block):
         B = min(block, T - a)
         i = q_pos[a : a + B][:, None]  # (B, 1)
@@ -230,10 +223,7 @@ def lambda_attention(
         ).float()
         start.masked_fill_(dg < L, -math.inf)  # inside the window they are band keys
         # (logits (H_kv, n, B, *), values)
-        groups = [
-            (edges, v[:, edge][:, None]),
-            (start, v_start[:, None]),
-        ]
+        groups = [(edges, v[:, edge][:, None]), (start, v_start[:, None])]
         groups += [top_k_middle(qb, k, v, theta, lam, int(i), k_pos)] if middle else []
         band = (
             [attend(q[:, a : a + B], keys_at(k, full), keys_at(v, full), cpu_kernel)]

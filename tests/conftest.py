@@ -152,3 +152,13 @@ def backends():
 
 
 BACKENDS = backends()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The CUDA tier: tests marked cuda skip cleanly on a machine without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))

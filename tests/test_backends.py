@@ -152,7 +152,7 @@ def test_backend_is_chosen_once_per_device():
     assert isinstance(model.pick_backend("cuda"), model.Flex)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_flex_on_cuda_matches_numpy():
     lam = LambdaConfig(4, 64, 64)
     (q, k, v, q_pos, k_pos), expected = ring_case(600, 200, 4, 64, 2, 3, 16, seed=1)

@@ -107,7 +107,7 @@ def test_bfloat16_close_to_float32(tiny_ckpt):
     assert_close(half, full, 0.1, "bfloat16 vs float32")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_matches_cpu(tiny_ckpt):
     config, w = weights.load_checkpoint(tiny_ckpt)
     _, wc = weights.load_checkpoint(tiny_ckpt, device="cuda")

@@ -15,7 +15,7 @@ from conftest import ROOT
 MAP = ROOT / "docs" / "paper_map.md"
 # `lminf_min/caches.py:LambdaCache.rebase`
 CODE_REF = re.compile(r"`([\w/.-]+\.py):([A-Za-z_][\w.]*)`")
-# `tests/test_lambda.py::test_mask_row_counts`
+# `tests/test_definition_maths.py::test_mask_row_counts`
 TEST_REF = re.compile(r"`(tests/[\w/.-]+\.py)::([A-Za-z_]\w*)`")
 # `python -m lminf_min.eval ppl --vanilla`
 CLI_REF = re.compile(r"`python -m (lminf_min\.\w+)((?: [^`]*)?)`")

@@ -1,4 +1,4 @@
-"""Perplexity evaluation and the mask picture, against the NumPy definition and plain arithmetic."""
+"""Perplexity, streams and passkey retrieval, against the NumPy definition and plain arithmetic."""
 
 import json
 import math
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import weights
 from conftest import ROOT, random_weights, tiny_config, write_checkpoint
 from lminf_min import eval as lm_eval
-from lminf_min import mask, reference
+from lminf_min import reference
 from lminf_min.config import LambdaConfig, LlamaConfig
 from lminf_min.tokenizer import Tokenizer
 
@@ -110,36 +110,6 @@ def test_eval_ppl_cli(sp_ckpt, tmp_path):
         cwd=ROOT,
     )
     assert r.returncode == 0 and both.stat().st_size > 1000, r.stderr
-
-
-def test_mask_picture_rows_count_m_i(tmp_path):
-    png = tmp_path / "m.png"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lminf_min.mask",
-            "--length",
-            "24",
-            "--n-global",
-            "3",
-            "--n-local",
-            "6",
-            "--png",
-            png,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stderr
-    rows = [s.split() for s in r.stdout.splitlines() if s.strip() and s.split()[0].isdigit()]
-    assert len(rows) == 24
-    for i, row in enumerate(rows):
-        m = min(i + 1, 6) + max(0, min(3, i - 6 + 1))
-        assert sum(c in "#G+" for c in row[1:25]) == m and row[-1] == f"m={m}"
-        assert row[1 + i] == "#" and all(row[1 + j] in "#G" for j in range(min(3, i + 1)))
-    assert png.stat().st_size > 1000
 
 
 def test_sampled_stream_draws_whole_documents():
@@ -295,123 +265,6 @@ def test_eval_passkey_cli_answers_as_the_numpy_definition(sp_ckpt, tmp_path):
             tok.vocab_size,
         )
         assert row["answer"] == tok.decode(want), row
-
-
-def test_bench_generate_runs_ours_and_transformers(sp_ckpt, tmp_path):
-    """The side-by-side benchmark: our vanilla path chooses the same greedy tokens as transformers
-    on the same prompt."""
-    pytest.importorskip("transformers")
-    text, out = tmp_path / "t.txt", tmp_path / "b.json"
-    text.write_text(" ".join(["the cat sat on a mat and ran to see the dog"] * 20))
-    args = [
-        "generate",
-        "--ckpt",
-        sp_ckpt,
-        "--text",
-        text,
-        "--prompt-tokens",
-        90,
-        "--new-tokens",
-        6,
-        "--json",
-        out,
-    ]
-    r = subprocess.run(
-        [sys.executable, "-m", "lminf_min.bench", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stderr
-    result = json.loads(out.read_text())
-    assert [row["run"] for row in result["rows"]] == [
-        "lminf_min, LM-Infinite",
-        "lminf_min, vanilla",
-        "transformers, SDPA",
-    ]
-    assert result["vanilla_equals_transformers"] and len(result["rows"][2]["tokens"]) == 6
-    assert "| transformers, SDPA |" in r.stdout and "| 1.00x |" in r.stdout  # the baseline row
-
-
-@pytest.mark.parametrize(
-    "T, lam",
-    [(5, LambdaConfig(3, 8, 8)), (50, LambdaConfig(3, 8, 8)), (50, LambdaConfig(0, 50, 50))],
-)
-def test_prefill_flops_count_weights_and_the_pairs_the_mask_allows(T, lam):
-    """bench's FLOP bound: 2 per layer weight per token, plus 4·H·D per (query, key) pair of
-    mask.lambda_mask."""
-    from lminf_min import bench
-
-    cfg = tiny_config()
-    config, w = LlamaConfig.from_dict(cfg), random_weights(cfg)
-    layer_weights = sum(t.size for n, t in w.items() if ".layers." in n and t.ndim == 2)
-    per_pair = 4 * config.num_attention_heads * config.head_dim * config.num_hidden_layers
-    assert (
-        bench.prefill_flops(config, T, lam)
-        == 2 * T * layer_weights
-        + per_pair * mask.lambda_mask(np.arange(T)[:, None], np.arange(T), lam).sum()
-    )
-    assert (
-        bench.prefill_flops(config, T, None) == 2 * T * layer_weights + per_pair * T * (T + 1) // 2
-    )
-
-
-def test_bench_subcommands_print_tables_and_write_json(sp_ckpt, tmp_path):
-    """attention, prefill, decode and stream run on a tiny checkpoint: a table on stdout, rows in
-    the JSON, and the bounded cache's size the same at every context past the window while the full
-    one grows."""
-    pytest.importorskip("transformers")
-    text = tmp_path / "t.txt"
-    text.write_text(" ".join(["the cat sat on a mat and ran to see the dog"] * 30))
-    runs = {
-        "attention": ["--lengths", "64,160", "--heads", "4,2,8", "--n-local", "32", "--profile"],
-        "prefill": ["--ckpt", sp_ckpt, "--text", text, "--lengths", "40,150"],
-        "decode": ["--ckpt", sp_ckpt, "--contexts", "100,300", "--tokens", "2", "--n-local", "16"],
-        "stream": ["--ckpt", sp_ckpt, "--tokens", "200", "--chunk", "16"],
-    }
-    rows = {}
-    for name, args in runs.items():
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "lminf_min.bench",
-                name,
-                *map(str, args),
-                "--json",
-                tmp_path / f"{name}.json",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-        assert r.returncode == 0, r.stderr
-        rows[name] = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
-        # header + one line per row
-        assert r.stdout.count("\n| ") == len(rows[name]) + 1 and "threads" in r.stdout
-        assert ("Self CPU time total" in r.stdout) == (name == "attention")  # --profile's table
-    assert [row["tokens"] for row in rows["prefill"]] == [40, 150] and len(rows["stream"]) == 10
-    # L = 64
-    assert (
-        rows["prefill"][0]["FLOPs theirs / ours"] == 1.0 < rows["prefill"][1]["FLOPs theirs / ours"]
-    )
-    assert (
-        rows["decode"][0]["ours KV MiB"]
-        == rows["decode"][1]["ours KV MiB"]
-        < rows["decode"][1]["full KV MiB"]
-    )
-    # k and v, layers, kv heads, dim, G + L, float32
-    assert rows["decode"][0]["ours KV MiB"] * 2**20 == 2 * 2 * 2 * 8 * (10 + 16) * 4
-    assert all(row["tokens/s"] > 0 for row in rows["stream"]) and all(
-        row["blocks ms"] > 0 and row["flex ms"] > 0 for row in rows["attention"]
-    )
-    assert [
-        row["FLOPs Λ / causal"] for row in rows["attention"]
-    ] == [  # G=10, L=32: Λ mask cells / causal cells
-        mask.lambda_mask(np.arange(T)[:, None], np.arange(T), LambdaConfig(10, 32, 32)).sum()
-        / (T * (T + 1) / 2)
-        for T in (64, 160)
-    ]
 
 
 def test_non_finite_logits_stop_the_evaluation(tiny_ckpt):

@@ -120,3 +120,36 @@ def test_mask_picture_rows_count_m_i(tmp_path):
         assert sum(c in "#G+" for c in row[1:25]) == m and row[-1] == f"m={m}"
         assert row[1 + i] == "#" and all(row[1 + j] in "#G" for j in range(min(3, i + 1)))
     assert png.stat().st_size > 1000
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    G=st.integers(1, 4),
+    L=st.integers(1, 8),
+    extra=st.integers(0, 12),
+    T=st.integers(2, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_paper_and_authors_code_differ_only_for_starting_tokens_closer_than_d_max(
+    G, L, extra, T, seed
+):
+    """With D > L the authors' code scores every starting token outside the window at one
+    distance, min(D, T - 1) (DESIGN.md §1); the paper, and this code, at min(i - j, D) pair by
+    pair. Both rules written here from those words: they differ exactly for starting tokens with
+    L <= i - j < D (where i - j is not that one distance), and so do the rows that see one."""
+    D = L + extra
+    lam = LambdaConfig(G, L, D)
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    paper = np.minimum(i - j, D)
+    authors = np.where((j < G) & (i - j >= L), min(D, T - 1), i - j)
+    visible = mask.lambda_mask(i, j, lam)
+    expected = visible & (j < G) & (L <= i - j) & (i - j < D) & (i - j != min(D, T - 1))
+    np.testing.assert_array_equal(visible & (paper != authors), expected)
+    np.testing.assert_array_equal(
+        np.where(visible, mask.effective_distance(i, j, lam), 0), np.where(visible, paper, 0)
+    )
+    q, k, v = rand((2, T, 8), seed), rand((2, T, 8), seed + 1), rand((2, T, 8), seed + 2)
+    ours = reference.attention(q, k, v, THETA, lam)
+    theirs = reference.attention(q, k, v, THETA, lam, distance=lambda i, j, lam: authors[i, j])
+    rows_differ = np.abs(ours - theirs).max(axis=(0, 2)) > 1e-12
+    np.testing.assert_array_equal(rows_differ, expected.any(axis=1))

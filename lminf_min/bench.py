@@ -13,7 +13,6 @@ transformers; stream: tokens/s and memory of a long stream through the bounded c
 """
 
 import argparse
-import json
 import platform
 import time
 from datetime import date
@@ -64,7 +63,7 @@ def report(title, rows, json_out, **meta):
             + " |"
         )
     if json_out:
-        Path(json_out).write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
+        cli.write_json(json_out, meta | {"rows": rows})
 
 
 def hf_model(ckpt, device, dtype):
@@ -155,12 +154,10 @@ def prefill_cmd(ckpt, text, lengths, json_out, device, dtype):
         raise UserError(
             f"{text} holds only {len(ids)} tokens; pass a longer text or smaller --lengths"
         )
-    ids, hf, lam, rows = (
-        torch.tensor(ids, device=device),
-        hf_model(ckpt, device, dtype),
-        LambdaConfig.for_model(cfg),
-        [],
-    )
+    ids = torch.tensor(ids, device=device)
+    hf = hf_model(ckpt, device, dtype)
+    lam = LambdaConfig.for_model(cfg)
+    rows = []
     backend = model.pick_backend(device)
     ours = lambda T: prefill(w, cfg, ids[:T], caches.new_cache(cfg, lam), lam, backend)
     theirs = lambda T: hf(ids[None, :T], logits_to_keep=1)
@@ -202,13 +199,11 @@ def prefill_flops(cfg, T, lam):
     """Multiply-add FLOPs of a T-token prompt: 2 per weight of the layers per token, and 4·H·D per
     layer for each (query, key) pair attended (scores and values). Their ratio bounds the speedup of
     kernels equally fast."""
-    C, H, H_kv, D, F = (
-        cfg.hidden_size,
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-        cfg.intermediate_size,
-    )
+    C = cfg.hidden_size
+    H = cfg.num_attention_heads
+    H_kv = cfg.num_key_value_heads
+    D = cfg.head_dim
+    F = cfg.intermediate_size
     return cfg.num_hidden_layers * (
         2 * T * (2 * C * H * D + 2 * C * H_kv * D + 3 * C * F) + 4 * H * D * pairs(T, lam)
     )
@@ -234,12 +229,10 @@ def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
 
     cli.writable(json_out)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    hf, lam, rows, dt = (
-        hf_model(ckpt, device, dtype),
-        LambdaConfig.for_model(cfg, n_local=n_local),
-        [],
-        getattr(torch, dtype),
-    )
+    hf = hf_model(ckpt, device, dtype)
+    lam = LambdaConfig.for_model(cfg, n_local=n_local)
+    rows = []
+    dt = getattr(torch, dtype)
     token, backend = torch.tensor([42], device=device), model.pick_backend(device)
     for context in contexts:
         cache = filled_cache(cfg, lam, context, device, dtype=dt)
@@ -295,11 +288,9 @@ def stream(ckpt, tokens, chunk, json_out, device, dtype):
     cli.writable(json_out)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     lam, rows, g = LambdaConfig.for_model(cfg), [], torch.Generator().manual_seed(0)
-    cache, step, backend = (
-        caches.new_cache(cfg, lam),
-        max(tokens // 10, chunk),
-        model.pick_backend(device),
-    )
+    cache = caches.new_cache(cfg, lam)
+    step = max(tokens // 10, chunk)
+    backend = model.pick_backend(device)
     for start in range(0, tokens, step):
         t0 = clock()
         for a in range(start, min(start + step, tokens), chunk):
@@ -411,21 +402,18 @@ def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
     same = rows[1]["tokens"] == rows[2]["tokens"]
     print(f"vanilla and transformers chose the same {new_tokens} tokens: {same}")
     if json_out:
-        Path(json_out).write_text(
-            json.dumps(
-                {
-                    "prompt_tokens": len(ids),
-                    "new_tokens": new_tokens,
-                    "device": device,
-                    "dtype": dtype,
-                    "threads": torch.get_num_threads(),
-                    "date": str(date.today()),
-                    "rows": rows,
-                    "vanilla_equals_transformers": same,
-                },
-                indent=1,
-            )
-            + "\n"
+        cli.write_json(
+            json_out,
+            {
+                "prompt_tokens": len(ids),
+                "new_tokens": new_tokens,
+                "device": device,
+                "dtype": dtype,
+                "threads": torch.get_num_threads(),
+                "date": str(date.today()),
+                "rows": rows,
+                "vanilla_equals_transformers": same,
+            },
         )
 
 

@@ -124,10 +124,8 @@ class LambdaCache:
             pos[slots] = positions
             n = min(filled + 1, n)
             return self.k[layer][:, :n], self.v[layer][:, :n], pos[:n]
-        keys, values = (
-            torch.cat([self.k[layer][:, :filled], k], dim=1),
-            torch.cat([self.v[layer][:, :filled], v], dim=1),
-        )
+        keys = torch.cat([self.k[layer][:, :filled], k], dim=1)
+        values = torch.cat([self.v[layer][:, :filled], v], dim=1)
         self.k[layer][:, slots], self.v[layer][:, slots] = k[:, keep], v[:, keep]
         return keys, values, torch.cat([self.pos[:filled], positions])
 

@@ -3,6 +3,8 @@ them with clear errors, and `cli`, which turns a UserError into one line on stde
 """
 
 import argparse
+import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -158,3 +160,10 @@ def writable(json_out):
             f"cannot write {json_out}: its folder does not exist; create it or pick another --json "
             "path"
         )
+
+
+def write_json(path, data):
+    """Write data as JSON through a temporary file renamed into place: never half a file."""
+    tmp = Path(path).with_name(Path(path).name + ".partial")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)

@@ -147,10 +147,8 @@ def _checked(name, value, type_):
     elif type_ is bool:
         ok, want = isinstance(value, bool), "true or false"
     else:  # int | None: a token id
-        ok, want = (
-            value is None or (number and isinstance(value, int) and value >= 0),
-            "a token id or null",
-        )
+        ok = value is None or (number and isinstance(value, int) and value >= 0)
+        want = "a token id or null"
     if not ok:
         raise UserError(
             f"config.json: field {name!r} is {value!r}, expected {want}; fix config.json"

@@ -7,10 +7,8 @@
 entropy: attention entropy per layer against position; logits: the largest logit against distance.
 """
 
-import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -194,7 +192,7 @@ def plot_logits(ax, result):
 
 def save(result, json_out, png, draw):
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
+        cli.write_json(json_out, result)
     if png:
         import matplotlib
 

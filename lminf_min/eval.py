@@ -190,7 +190,7 @@ def stream(ckpt, text, tokens, segment, n_global, n_local, d_max, seed, json_out
         f"perplexity {result['ppl']:.2f}"
     )
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
+        cli.write_json(json_out, result)
 
 
 @torch.inference_mode()
@@ -233,7 +233,7 @@ def ppl(
     for r in result["buckets"]:
         print(f"  positions {r['start']:>7}-{r['end']:<7} ppl {r['ppl']:10.2f}")
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
+        cli.write_json(json_out, result)
     if plot:
         plot_ppl([result], f"{Path(text).name}, {len(ids)} tokens", plot)
 
@@ -314,11 +314,9 @@ def passkey(
         raise UserError("--samples, --depths and --top-k-middle must be at least 1")
     cli.writable(json_out)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    tok, rng, backend = (
-        Tokenizer(ckpt),
-        torch.Generator().manual_seed(seed),
-        model.pick_backend(device),
-    )
+    tok = Tokenizer(ckpt)
+    rng = torch.Generator().manual_seed(seed)
+    backend = model.pick_backend(device)
     vocab, n_question = tok.vocab_size, len(tok.encode(PASSKEY_QUESTION))
     lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
     top_k_name = f"LM-Infinite + top-{top_k_middle}"
@@ -335,10 +333,8 @@ def passkey(
     rows = []
     bar = tqdm(total=len(lengths) * samples, desc="passkey", unit="prompt", file=sys.stderr)
     for length, s in itertools.product(lengths, range(samples)):
-        depth, key = (
-            (s % depths + 0.5) / depths,
-            str(int(torch.randint(10000, 100000, (1,), generator=rng))),
-        )
+        depth = (s % depths + 0.5) / depths
+        key = str(int(torch.randint(10000, 100000, (1,), generator=rng)))
         ids, key_at = passkey_prompt(tok, length, depth, key)
         ids = torch.tensor(ids, device=device)
         haystack, question = ids[:-n_question], ids[-n_question:]
@@ -382,21 +378,18 @@ def passkey(
     summary = passkey_table(rows, lengths, sorted({r["depth"] for r in rows}), methods)
     print(summary)
     if json_out:
-        Path(json_out).write_text(
-            json.dumps(
-                {
-                    "rows": rows,
-                    "table": summary,
-                    "checkpoint": str(ckpt),
-                    "device": device,
-                    "dtype": dtype,
-                    "settings": dataclasses.asdict(methods[top_k_name]),
-                    "samples": samples,
-                    "seed": seed,
-                },
-                indent=1,
-            )
-            + "\n"
+        cli.write_json(
+            json_out,
+            {
+                "rows": rows,
+                "table": summary,
+                "checkpoint": str(ckpt),
+                "device": device,
+                "dtype": dtype,
+                "settings": dataclasses.asdict(methods[top_k_name]),
+                "samples": samples,
+                "seed": seed,
+            },
         )
 
 

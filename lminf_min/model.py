@@ -194,10 +194,8 @@ def lambda_attention(
     # q_i and k_j are rotated by i and j, so their product is the logit at i - j. Past d_max, the
     # paper's trick: the query rotated to d_max and the key rotated back to 0 give the logit at
     # exactly d_max.
-    q_far, k_start0 = (
-        rope(q, rope_angles(d_max - q_pos, D, theta)),
-        rope(k_start, rope_angles(-jg[0], D, theta)),
-    )
+    q_far = rope(q, rope_angles(d_max - q_pos, D, theta))
+    k_start0 = rope(k_start, rope_angles(-jg[0], D, theta))
     # edges grow with the block: keep it well below L
     out, block = (torch.empty_like(q), min(most, max(64, L // 32)))
     for a in range(0, T, block):

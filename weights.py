@@ -54,6 +54,12 @@ def expected_shapes(cfg: LlamaConfig):
     return shapes
 
 
+def regular_or_missing(path):
+    """A pipe or a device in a file's place would block the read forever: refuse it first."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise UserError(f"{path} is not a regular file (a pipe or a device?); put the file there")
+
+
 def read_config(ckpt: Path) -> LlamaConfig:
     if not ckpt.exists():
         raise UserError(
@@ -64,6 +70,7 @@ def read_config(ckpt: Path) -> LlamaConfig:
             f"checkpoint {ckpt} is a file, not a directory; pass the directory holding config.json"
         )
     path = ckpt / "config.json"
+    regular_or_missing(path)
     if not path.exists():
         raise UserError(
             f"{path} not found; a checkpoint directory needs config.json next to its *.safetensors"
@@ -92,6 +99,11 @@ def safetensors_files(ckpt: Path):
                 f"{index} is not a valid shard index (needs a 'weight_map' object); fix or delete "
                 "it"
             ) from None
+        outside = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+        if outside:
+            raise UserError(
+                f"{index} names shard {outside[0]!r}, not a file in {ckpt}; fix or delete the index"
+            )
         missing = [n for n in names if not (ckpt / n).is_file()]
         if missing:
             raise UserError(
@@ -99,6 +111,8 @@ def safetensors_files(ckpt: Path):
             )
         return [ckpt / n for n in names]
     files = sorted(ckpt.glob("*.safetensors"))
+    for f in files:
+        regular_or_missing(f)
     if not files:
         raise UserError(
             f"no *.safetensors file in {ckpt}; convert the checkpoint to safetensors first"
@@ -135,7 +149,17 @@ def load_checkpoint(ckpt, device="cpu", dtype=torch.float32):
                             f"{path.name}: tensor {name!r} has shape {tuple(header.get_shape())}, "
                             f"config.json implies {shapes[name]}; fix config.json or the checkpoint"
                         )
+                    if name in weights:
+                        raise UserError(
+                            f"{path.name}: tensor {name!r} is in another *.safetensors file too; "
+                            "remove the stale copy"
+                        )
                     weights[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                    if not torch.isfinite(weights[name]).all():
+                        raise UserError(
+                            f"{path.name}: tensor {name!r} holds NaN or infinite values; "
+                            "re-download or re-convert the checkpoint"
+                        )
         except (SafetensorError, OSError) as e:
             raise UserError(
                 f"{path} is not a readable safetensors file ({e}); re-download or re-convert it"

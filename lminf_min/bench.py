@@ -147,7 +147,7 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
 def prefill_cmd(ckpt, text, lengths, json_out, device, dtype):
     """Prompt tokens/s: generate.py's prefill (LM-Infinite, bounded cache) against one transformers
     forward pass."""
-    cli.writable(json_out)
+    cli.writable(json_out, text)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     ids = Tokenizer(ckpt).encode(cli.read_prompt(text))
     if len(ids) < max(lengths):
@@ -350,7 +350,7 @@ def transformers_generate(ckpt, ids, new_tokens, dtype):
 def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
     if prompt_tokens < 1 or new_tokens < 1:
         raise UserError("--prompt-tokens and --new-tokens must be at least 1")
-    cli.writable(json_out)
+    cli.writable(json_out, text)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     ids = Tokenizer(ckpt).encode(cli.read_prompt(text))[:prompt_tokens]
     if len(ids) < prompt_tokens:

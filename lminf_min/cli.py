@@ -92,7 +92,7 @@ def read_prompt(path):
         )
     try:
         # line endings as Python's text mode reads them
-        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise UserError(
             f"prompt file {path} is not UTF-8 (byte {e.start}); convert it, e.g. with iconv -t "
@@ -153,13 +153,16 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def writable(json_out):
-    """Fail now, not after hours of work, if the --json file could not be written."""
-    if json_out and not Path(json_out).resolve().parent.is_dir():
+def writable(path, *reads):
+    """Fail now, not after hours of work, if an output could not be written or would replace a
+    file this run reads."""
+    out = Path(path).resolve() if path else None
+    if out and not out.parent.is_dir():
         raise UserError(
-            f"cannot write {json_out}: its folder does not exist; create it or pick another --json "
-            "path"
+            f"cannot write {path}: its folder does not exist; create it or pick another --json path"
         )
+    if out and (out.is_dir() or any(out == Path(r).resolve() for r in reads)):
+        raise UserError(f"cannot write {path}: it is a folder or an input; pick another path")
 
 
 def write_json(path, data):

@@ -6,7 +6,9 @@ there is what users get.
 """
 
 import json
+import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -54,6 +56,18 @@ def shard_index(text):
         (ckpt / "model.safetensors.index.json").write_text(text)
 
     return breaker
+
+
+def named_pipe(name):
+    def breaker(ckpt):
+        (ckpt / name).unlink()
+        os.mkfifo(ckpt / name)
+
+    return breaker
+
+
+def stale_copy(ckpt):
+    shutil.copy(ckpt / "model.safetensors", ckpt / "old.safetensors")
 
 
 def config_is_a_directory(ckpt):
@@ -128,6 +142,18 @@ CASES = {  # name -> (how to break the tiny checkpoint, words the message must c
         "shape (31,)",
     ),
     "no tokenizer": (lambda ckpt: None, "no tokenizer.json or tokenizer.model"),
+    "infinite rope_theta": (rewrite_config(rope_theta=float("inf")), "positive finite number"),
+    "config.json a named pipe": (named_pipe("config.json"), "not a regular file"),
+    "model.safetensors a named pipe": (named_pipe("model.safetensors"), "not a regular file"),
+    "shard index pointing outside": (
+        shard_index('{"weight_map": {"model.norm.weight": "../other/model.safetensors"}}'),
+        "not a file in",
+    ),
+    "a stale second safetensors file": (stale_copy, "in another *.safetensors file"),
+    "NaN weights": (
+        rewrite_tensors(lambda t: t["model.norm.weight"].__setitem__(0, np.nan)),
+        "NaN or infinite",
+    ),
 }
 
 
@@ -188,6 +214,7 @@ def test_bad_checkpoint(case, tiny_ckpt, tmp_path):
         (b"  \n", "is empty"),
         (b"caf\xe9 latin-1", "not UTF-8"),
         (b"\x00\x01\x02", "binary"),
+        ("\ufeff \n".encode(), "is empty"),  # a byte-order mark is not text
     ],
 )
 def test_bad_prompt(content, words, tiny_ckpt, tmp_path):
@@ -300,14 +327,16 @@ def test_full_cache_larger_than_memory(sp_ckpt, tmp_path):
         (["passkey", "--lengths", "4k"], "--lengths '4k'"),
         (["passkey", "--lengths", "64"], "too short for the prompt"),
         (["plot", "PROMPT", "--out", "OUT"], "cannot read"),
+        (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "PROMPT"], "or an input"),
+        (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "TMP"], "or an input"),
     ],
 )
 def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("hello there")
-    args = [{"PROMPT": prompt, "OUT": tmp_path / "x.png"}.get(a, a) for a in args] + (
-        ["--ckpt", sp_ckpt] if args[0] != "plot" else []
-    )
+    args = [
+        {"PROMPT": prompt, "OUT": tmp_path / "x.png", "TMP": tmp_path}.get(a, a) for a in args
+    ] + (["--ckpt", sp_ckpt] if args[0] != "plot" else [])
     r = subprocess.run(
         [sys.executable, "-m", "lminf_min.eval", *map(str, args)],
         capture_output=True,

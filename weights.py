@@ -154,12 +154,15 @@ def load_checkpoint(ckpt, device="cpu", dtype=torch.float32):
                             f"{path.name}: tensor {name!r} is in another *.safetensors file too; "
                             "remove the stale copy"
                         )
-                    weights[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-                    if not torch.isfinite(weights[name]).all():
+                    tensor = f.get_tensor(name)
+                    if not torch.isfinite(tensor).all():
                         raise UserError(
                             f"{path.name}: tensor {name!r} holds NaN or infinite values; "
                             "re-download or re-convert the checkpoint"
                         )
+                    weights[name] = tensor.to(device=device, dtype=dtype)
+                    if not torch.isfinite(weights[name]).all():
+                        raise UserError(f"{path.name}: {name!r} overflows {dtype}; use float32")
         except (SafetensorError, OSError) as e:
             raise UserError(
                 f"{path} is not a readable safetensors file ({e}); re-download or re-convert it"

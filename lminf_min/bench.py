@@ -85,7 +85,7 @@ def lengths_arg(text):
         return [int(n) for n in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give token counts separated by commas, e.g. 4096,16384"
+            f"{text!r}: give whole numbers separated by commas, e.g. 4096,16384"
         ) from None
 
 

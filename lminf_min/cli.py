@@ -1,5 +1,5 @@
 """What the command lines share: each common flag declared once, a model and a prompt loaded from
-them with clear errors, and `cli`, which turns a UserError into one line on stderr and exit code 2.
+them with clear errors, and `run`, which turns a UserError into one line on stderr and exit code 2.
 """
 
 import argparse
@@ -154,15 +154,18 @@ def peak_memory_mb(device):
 
 
 def writable(path, *reads):
-    """Fail now, not after hours of work, if an output could not be written or would replace a
-    file this run reads."""
-    out = Path(path).resolve() if path else None
-    if out and not out.parent.is_dir():
+    """Fail now, not after hours of work, if an output could not be written, or would replace a
+    file this run reads or writes (reads: files, or a checkpoint folder whose files it reads)."""
+    if not path:
+        return
+    out = Path(path).resolve()
+    if not out.parent.is_dir():
         raise UserError(
-            f"cannot write {path}: its folder does not exist; create it or pick another --json path"
+            f"cannot write {path}: its folder does not exist; create it or pick another path"
         )
-    if out and (out.is_dir() or any(out == Path(r).resolve() for r in reads)):
-        raise UserError(f"cannot write {path}: it is a folder or an input; pick another path")
+    taken = [Path(r).resolve() for r in reads if r]
+    if out.is_dir() or out in taken or (out.exists() and out.parent in taken):
+        raise UserError(f"cannot write {path}: it is a folder or a file of this run; pick another")
 
 
 def write_json(path, data):

@@ -1,6 +1,6 @@
 """The model's shape, read from a checkpoint's config.json; LM-Infinite's knobs; the error type."""
 
-import math
+import sys
 from dataclasses import MISSING, dataclass, fields
 
 
@@ -144,7 +144,7 @@ def _checked(name, value, type_):
     if type_ is int:
         ok, want = number and isinstance(value, int) and value > 0, "a positive integer"
     elif type_ is float:
-        ok, want = number and 0 < value < math.inf, "a positive finite number"
+        ok, want = number and 0 < value <= sys.float_info.max, "a positive finite number"
     elif type_ is bool:
         ok, want = isinstance(value, bool), "true or false"
     else:  # int | None: a token id

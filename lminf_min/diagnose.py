@@ -85,8 +85,8 @@ def probe_runs(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, take
 
 
 def entropy_cmd(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, png, json_out):
-    cli.writable(json_out, text)
-    cli.writable(png, text)
+    cli.writable(json_out, text, ckpt)
+    cli.writable(png, text, ckpt, json_out)
     found = {}  # run -> (layers, rows) mean entropy over heads
     take = lambda run, lam, layer, i, logits: (
         found.setdefault(run, {}).setdefault(layer, []).append(float(entropy(logits).mean()))
@@ -137,8 +137,8 @@ def plot_entropy(ax, result):
 
 
 def logits_cmd(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, png, json_out):
-    cli.writable(json_out, text)
-    cli.writable(png, text)
+    cli.writable(json_out, text, ckpt)
+    cli.writable(png, text, ckpt, json_out)
     # distance buckets [edges[b], edges[b + 1])
     edges = np.unique(np.geomspace(1, tokens, 40).astype(int))
     found = {}  # run -> largest logit per distance bucket

@@ -143,7 +143,7 @@ def sampled_stream(docs, n_tokens, seed):
 def stream(ckpt, text, tokens, segment, n_global, n_local, d_max, seed, json_out, device, dtype):
     if tokens < 2 or segment < 1:
         raise UserError("--tokens must be at least 2 and --segment at least 1")
-    cli.writable(json_out, *text)
+    cli.writable(json_out, *text, ckpt)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     lam, tok = LambdaConfig.for_model(cfg, n_global, n_local, d_max), Tokenizer(ckpt)
     docs = [tok.encode(cli.read_prompt(t)) for t in text]
@@ -200,8 +200,8 @@ def ppl(
 ):
     if max_tokens < 2 or bucket < 1:
         raise UserError("--max-tokens must be at least 2 and --bucket at least 1")
-    cli.writable(json_out, text)
-    cli.writable(plot, text)
+    cli.writable(json_out, text, ckpt)
+    cli.writable(plot, text, ckpt, json_out)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     lam = None if vanilla else LambdaConfig.for_model(cfg, n_global, n_local, d_max)
     ids = Tokenizer(ckpt).encode(cli.read_prompt(text))[:max_tokens]

@@ -66,9 +66,15 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, middle=Fal
             if middle or backend is None
             else backend(q, k, v, theta, lam, q_pos, k_pos)
         )
+    return causal_attention(q, k, v)
+
+
+def causal_attention(q, k, v, cpu_kernel=True):
+    """Causal attention of the last T of S positions over keys 0..S-1 in order. q: (H, T, D), k, v:
+    (H_kv, S, D). cpu_kernel=False takes the path devices other than the CPU take."""
     H, T, S = q.shape[0], q.shape[1], k.shape[1]
     # the whole sequence, one new token, or not on CPU
-    if T == S or T == 1 or q.device.type != "cpu":
+    if T == S or T == 1 or not (cpu_kernel and q.device.type == "cpu"):
         mask = (
             None
             if T == S or T == 1
@@ -164,9 +170,7 @@ def blocks(
     S = int(q_pos[m - 1]) + 1
     if not torch.equal(k_pos[:S], torch.arange(S, device=k_pos.device)):
         raise ValueError("queries inside the first window need keys 0..S-1 first and in order")
-    return torch.cat(
-        [attention(q[:, :m], k[:, :S], v[:, :S], theta, None, q_pos[:m], k_pos[:S]), out], dim=1
-    )
+    return torch.cat([causal_attention(q[:, :m], k[:, :S], v[:, :S], cpu_kernel), out], dim=1)
 
 
 def lambda_attention(

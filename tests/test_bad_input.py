@@ -327,16 +327,21 @@ def test_full_cache_larger_than_memory(sp_ckpt, tmp_path):
         (["passkey", "--lengths", "4k"], "--lengths '4k'"),
         (["passkey", "--lengths", "64"], "too short for the prompt"),
         (["plot", "PROMPT", "--out", "OUT"], "cannot read"),
-        (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "PROMPT"], "or an input"),
-        (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "TMP"], "or an input"),
+        (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "PROMPT"], "file of this run"),
+        (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "TMP"], "file of this run"),
+        (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "CONFIG"], "file of this run"),
+        (
+            ["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "OUT", "--plot", "OUT"],
+            "file",
+        ),
     ],
 )
 def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("hello there")
-    args = [
-        {"PROMPT": prompt, "OUT": tmp_path / "x.png", "TMP": tmp_path}.get(a, a) for a in args
-    ] + (["--ckpt", sp_ckpt] if args[0] != "plot" else [])
+    names = {"PROMPT": prompt, "OUT": tmp_path / "x.png", "TMP": tmp_path}
+    names["CONFIG"] = sp_ckpt / "config.json"
+    args = [names.get(a, a) for a in args] + (["--ckpt", sp_ckpt] if args[0] != "plot" else [])
     r = subprocess.run(
         [sys.executable, "-m", "lminf_min.eval", *map(str, args)],
         capture_output=True,

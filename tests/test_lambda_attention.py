@@ -158,9 +158,10 @@ def test_short_sequences_are_plain_causal_attention(c):
     D=st.sampled_from([2, 8, 16]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**16),
+    cpu_kernel=st.booleans(),
 )
 def test_a_chunk_after_cached_keys_is_the_last_rows_of_causal_attention(
-    S, T, H_kv, rep, D, dtype, seed
+    S, T, H_kv, rep, D, dtype, seed, cpu_kernel
 ):
     """Full attention (no lam) of the chunk's T queries at positions S-T..S-1 over all S keys
     (chunked prefill, decoding) equals the last T rows of the NumPy causal definition: cached keys
@@ -177,11 +178,7 @@ def test_a_chunk_after_cached_keys_is_the_last_rows_of_causal_attention(
     angles = model.rope_angles(torch.arange(S), D, THETA)
     qt, kt, vt = (torch.tensor(x, dtype=dtype) for x in (q, k, v))
     qt, kt = model.rope(qt, angles)[:, S - T :], model.rope(kt, angles)
-    got = (
-        model.attention(qt, kt, vt, THETA, None, torch.arange(S - T, S), torch.arange(S))
-        .double()
-        .numpy()
-    )
+    got = model.causal_attention(qt, kt, vt, cpu_kernel).double().numpy()
     tol = 1e-5 if dtype == torch.float32 else 0.05
     assert np.abs(got - expected).max() <= tol, f"max abs diff {np.abs(got - expected).max():.3g}"
 

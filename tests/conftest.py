@@ -4,6 +4,8 @@ model."""
 import io
 import json
 import random
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -162,3 +164,10 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+def run_module(module, *args):
+    """`python -m module args` from the repository root, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )

@@ -20,7 +20,7 @@ import torch
 from safetensors.numpy import save_file
 
 import generate
-from conftest import ROOT, random_weights, tiny_config
+from conftest import ROOT, random_weights, run_module, tiny_config
 from lminf_min import cli
 from lminf_min.config import UserError
 
@@ -342,12 +342,7 @@ def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
     names = {"PROMPT": prompt, "OUT": tmp_path / "x.png", "TMP": tmp_path}
     names["CONFIG"] = sp_ckpt / "config.json"
     args = [names.get(a, a) for a in args] + (["--ckpt", sp_ckpt] if args[0] != "plot" else [])
-    r = subprocess.run(
-        [sys.executable, "-m", "lminf_min.eval", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    r = run_module("lminf_min.eval", *args)
     assert_clean_error(r, words, tmp_path)
 
 

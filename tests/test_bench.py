@@ -2,13 +2,11 @@
 independent one."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, random_weights, tiny_config
+from conftest import random_weights, run_module, tiny_config
 from lminf_min import mask
 from lminf_min.config import LambdaConfig, LlamaConfig
 
@@ -32,12 +30,7 @@ def test_bench_generate_runs_ours_and_transformers(sp_ckpt, tmp_path):
         "--json",
         out,
     ]
-    r = subprocess.run(
-        [sys.executable, "-m", "lminf_min.bench", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    r = run_module("lminf_min.bench", *args)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert [row["run"] for row in result["rows"]] == [
@@ -87,20 +80,7 @@ def test_bench_subcommands_print_tables_and_write_json(sp_ckpt, tmp_path):
     }
     rows = {}
     for name, args in runs.items():
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "lminf_min.bench",
-                name,
-                *map(str, args),
-                "--json",
-                tmp_path / f"{name}.json",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
+        r = run_module("lminf_min.bench", name, *args, "--json", tmp_path / f"{name}.json")
         assert r.returncode == 0, r.stderr
         rows[name] = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
         # header + one line per row

@@ -2,14 +2,12 @@
 reductions to causal and window attention, the entropy bounds, RoPE's use of distance only."""
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, THETA, rand
+from conftest import THETA, rand, run_module
 from lminf_min import mask, reference
 from lminf_min.config import LambdaConfig
 
@@ -94,23 +92,8 @@ def test_rope_preserves_norms_and_depends_only_on_distance(D, m_, n_, shift, see
 
 def test_mask_picture_rows_count_m_i(tmp_path):
     png = tmp_path / "m.png"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lminf_min.mask",
-            "--length",
-            "24",
-            "--n-global",
-            "3",
-            "--n-local",
-            "6",
-            "--png",
-            png,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    r = run_module(
+        "lminf_min.mask", "--length", "24", "--n-global", "3", "--n-local", "6", "--png", png
     )
     assert r.returncode == 0, r.stderr
     rows = [s.split() for s in r.stdout.splitlines() if s.strip() and s.split()[0].isdigit()]

@@ -3,15 +3,13 @@ checkpoint."""
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT
+from conftest import run_module
 from lminf_min import diagnose, model, reference
 from lminf_min.config import LambdaConfig
 
@@ -53,12 +51,7 @@ def test_row_probabilities_are_the_definitions(T, G, L, extra, vanilla, rep, see
 
 
 def run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "lminf_min.diagnose", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    return run_module("lminf_min.diagnose", *args)
 
 
 def test_entropy_and_logits_commands(sp_ckpt, tmp_path):

@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 from unittest import mock
 
 import numpy as np
@@ -13,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import weights
-from conftest import ROOT, random_weights, tiny_config, write_checkpoint
+from conftest import random_weights, run_module, tiny_config, write_checkpoint
 from lminf_min import eval as lm_eval
 from lminf_min import reference
 from lminf_min.config import LambdaConfig, LlamaConfig
@@ -88,12 +86,7 @@ def test_eval_ppl_cli(sp_ckpt, tmp_path):
         "--plot",
         png,
     ]
-    r = subprocess.run(
-        [sys.executable, "-m", "lminf_min.eval", "ppl", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    r = run_module("lminf_min.eval", "ppl", *args)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert result["tokens"] == 100 and [(b["start"], b["end"]) for b in result["buckets"]] == [
@@ -103,12 +96,7 @@ def test_eval_ppl_cli(sp_ckpt, tmp_path):
     ]
     assert png.stat().st_size > 1000 and "perplexity" in r.stdout
     both = tmp_path / "both.png"
-    r = subprocess.run(
-        [sys.executable, "-m", "lminf_min.eval", "plot", str(out), str(out), "--out", str(both)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    r = run_module("lminf_min.eval", "plot", str(out), str(out), "--out", str(both))
     assert r.returncode == 0 and both.stat().st_size > 1000, r.stderr
 
 
@@ -146,12 +134,7 @@ def test_eval_stream_cli(sp_ckpt, tmp_path):
         "--json",
         out,
     ]
-    r = subprocess.run(
-        [sys.executable, "-m", "lminf_min.eval", "stream", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    r = run_module("lminf_min.eval", "stream", *args)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert [(s["start"], s["end"]) for s in result["segments"]] == [
@@ -231,12 +214,7 @@ def test_eval_passkey_cli_answers_as_the_numpy_definition(sp_ckpt, tmp_path):
         "--json",
         out,
     ]
-    r = subprocess.run(
-        [sys.executable, "-m", "lminf_min.eval", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    r = run_module("lminf_min.eval", *args)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 3 * 2 * 3 and "| 600 | LM-Infinite + top-2 | 0/2 | 0/1 | 0/1 |" in r.stdout

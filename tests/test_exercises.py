@@ -10,8 +10,6 @@ import importlib.util
 import json
 import math
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
-from conftest import ROOT
+from conftest import ROOT, run_module
 from lminf_min import mask, reference
 from lminf_min.config import LambdaConfig, LlamaConfig
 from lminf_min.tokenizer import Tokenizer
@@ -125,22 +123,15 @@ def test_top_k_middle(ex, T, G, L, k, seed):
 
 
 def run_checks(*args):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            str(ROOT / "tests" / "test_exercises.py"),
-            "-k",
-            "not checks_tell and not runs_through",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    return run_module(
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(ROOT / "tests" / "test_exercises.py"),
+        "-k",
+        "not checks_tell and not runs_through",
+        *args,
     )
 
 
@@ -168,30 +159,23 @@ def test_a_mask_answer_runs_through_compiled_flex_on_the_model(sp_ckpt, tmp_path
         " ".join(np.random.default_rng(0).choice(["the", "cat", "sat", "on", "a", "mat"], 400))
     )
     T, G, L = 200, 2, 12
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lminf_min.exercises",
-            "run",
-            "dilated_mask",
-            "--flex",
-            "--answers",
-            str(ROOT / "docs" / "solutions.py"),
-            "--ckpt",
-            str(sp_ckpt),
-            "--text",
-            str(text),
-            "--tokens",
-            str(T),
-            "--n-global",
-            str(G),
-            "--n-local",
-            str(L),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    r = run_module(
+        "lminf_min.exercises",
+        "run",
+        "dilated_mask",
+        "--flex",
+        "--answers",
+        str(ROOT / "docs" / "solutions.py"),
+        "--ckpt",
+        str(sp_ckpt),
+        "--text",
+        str(text),
+        "--tokens",
+        str(T),
+        "--n-global",
+        str(G),
+        "--n-local",
+        str(L),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     got = float(re.search(r"FlexAttention\): ([\d.]+)", r.stdout)[1])

@@ -19,6 +19,12 @@ def lambda_mask(i, j, n_global, n_local):
     return (j <= i) & ((i - j < n_local) | (j < n_global))
 
 
+def keys_seen(i, n_global, n_local):
+    # the window holds min(i + 1, L) keys; the starting tokens add those j < G it no longer holds,
+    # j <= i - L: min(G, i - L + 1) of them once i - L + 1 > 0
+    return np.minimum(i + 1, n_local) + np.clip(i - n_local + 1, 0, n_global)
+
+
 def streaming_distance(T, n_global, n_local):
     # The cache in front of query i holds the starting tokens 0..G-1 and the window i-L+1..i,
     # numbered in order. A window key keeps its true distance i - j (the numbers between them are

@@ -14,7 +14,10 @@ docs/solutions.py.
 """
 
 import argparse
+import dataclasses
+import hashlib
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import torch
 
 from lminf_min import cli, model, reference
 from lminf_min import mask as definition
+from lminf_min.config import LambdaConfig, UserError
 
 
 def window_mask(i, j, n_local):
@@ -34,6 +38,12 @@ def window_mask(i, j, n_local):
 def lambda_mask(i, j, n_global, n_local):
     """Exercise 2. LM-Infinite's Λ mask (paper §4): the window, plus the first n_global tokens for
     every later query."""
+    raise NotImplementedError
+
+
+def keys_seen(i, n_global, n_local):
+    """Exercise 2, second part. m(i), the number of keys query i sees under the Λ mask, as a
+    formula in i (an array of positions), without building the mask."""
     raise NotImplementedError
 
 
@@ -65,16 +75,49 @@ def top_k_middle(logits, i, n_global, n_local, k):
 
 # ---- running an answer on the default model ----
 
-# name -> (what it changes, make(ex, T, G, L): mask(i, j, lam) or distance(i, j, lam))
+
+def window(G, L):
+    """LM-Infinite's settings for a run: G starting tokens, a window of L, d_max = L."""
+    return LambdaConfig(G, L, L)
+
+
+# name -> (what it changes, make(ex, T, G, L): mask(i, j, lam) or distance(i, j, lam),
+#          what your run is, {what each run beside it is: its attention, None = full})
 RUNS = {
-    "window_mask": ("mask", lambda ex, T, G, L: lambda i, j, lam: ex.window_mask(i, j, L)),
-    "lambda_mask": ("mask", lambda ex, T, G, L: lambda i, j, lam: ex.lambda_mask(i, j, G, L)),
-    "streaming_distance": ("distance", lambda ex, T, G, L: table(ex.streaming_distance(T, G, L))),
+    "window_mask": (
+        "mask",
+        lambda ex, T, G, L: lambda i, j, lam: ex.window_mask(i, j, L),
+        "your window alone (L={L}, no starting tokens)",
+        lambda G, L: {f"the Λ mask, the same window plus G={G} starting tokens": window(G, L)},
+    ),
+    "lambda_mask": (
+        "mask",
+        lambda ex, T, G, L: lambda i, j, lam: ex.lambda_mask(i, j, G, L),
+        "your Λ mask (G={G}, L={L})",
+        lambda G, L: {f"the window alone (G=0, L={L})": window(0, L)},
+    ),
+    "keys_seen": ("count", lambda ex, T, G, L: ex.keys_seen(np.arange(T), G, L), "", None),
+    "streaming_distance": (
+        "distance",
+        lambda ex, T, G, L: table(ex.streaming_distance(T, G, L)),
+        "the Λ mask (G={G}, L={L}) at your StreamingLLM distances",
+        lambda G, L: {f"LM-Infinite's true distances, capped at d_max={L}": window(G, L)},
+    ),
     "dilated_mask": (
         "mask",
         lambda ex, T, G, L: lambda i, j, lam: ex.dilated_mask(i, j, G, L // 2, 2),
+        "your dilated window (stride 2: {half} keys spread over {L} positions, plus G={G})",
+        lambda G, L: {
+            f"a plain window of the same {L // 2} keys (plus G={G})": window(G, L // 2),
+            f"a plain window of {L} keys (plus G={G})": window(G, L),
+        },
     ),
-    "capped_distance": ("distance", lambda ex, T, G, L: table(ex.capped_distance(T, L // 4))),
+    "capped_distance": (
+        "distance",
+        lambda ex, T, G, L: table(ex.capped_distance(T, L // 4)),
+        "the Λ mask (G={G}, L={L}) with every distance capped at {quarter}",
+        lambda G, L: {f"LM-Infinite: distances capped at d_max = L = {L}": window(G, L)},
+    ),
 }
 
 
@@ -95,9 +138,10 @@ def perplexity(
     return math.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
 
 
-def flex_perplexity(cfg, weights, ids, lam, mask):
+def flex_perplexity(cfg, weights, ids, lam, mask=definition.lambda_mask):
     """Perplexity of ids under the torch model in one pass, `mask` as the mask_mod of compiled
     FlexAttention."""
+    ids = torch.tensor(ids)
     # (T, C)
     hidden = model.forward(weights, cfg, ids, lam=lam, hidden_only=True, backend=model.Flex(mask))
     nll = []
@@ -110,15 +154,62 @@ def flex_perplexity(cfg, weights, ids, lam, mask):
     return math.exp(torch.cat(nll).double().mean())
 
 
+def remembered(score, ckpt, ids, lam, flex):
+    """score(lam), the perplexity of a run with the built-in mask, kept in the cache folder: the
+    runs an answer is compared with never change, so only the first run of a setting pays for
+    them."""
+    from weights import CACHE
+
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(ckpt.glob("*.*"))]
+    what = [str(ckpt.resolve()), files, list(ids), lam and dataclasses.astuple(lam), flex]
+    key, store = hashlib.sha256(json.dumps(what).encode()).hexdigest(), CACHE / "exercises.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = score(lam)
+        store.parent.mkdir(parents=True, exist_ok=True)
+        cli.write_json(store, known)
+    return known[key]
+
+
+def draw(path, yours, reference, n):
+    """Your mask (blue: visible, grey: masked), distances or counts beside the reference's, over the
+    first n positions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
+    for ax, (title, a) in zip(axes, (yours, reference)):
+        if a.ndim == 1:  # keys per query
+            ax.plot(a[:n], marker=".")
+            ax.set(xlabel="query position i", ylabel="keys seen m(i)", title=title)
+            continue
+        shown = np.where(np.tril(np.ones((n, n), bool)), a[:n, :n].astype(float), np.nan)
+        colours = ListedColormap(["#dddddd", "#3b75af"]) if a.dtype == bool else "viridis"
+        image = ax.imshow(shown, cmap=colours, vmin=0)
+        if a.dtype != bool:
+            fig.colorbar(image, ax=ax, shrink=0.7, label="distance scored at")
+        ax.set(xlabel="key position j", ylabel="query position i", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m lminf_min.exercises",
-        description="Run an exercise's answer on the default "
-        "model: perplexity of the first --tokens tokens of a text, your change against LM-Infinite "
-        "with the same small window (the NumPy reference forward pass: exact, slow, so keep it "
-        "short). With --flex, a mask exercise runs instead as the mask_mod of the torch model's "
-        "compiled FlexAttention, at full length "
-        "(e.g. --tokens 16384 --n-global 10 --n-local 8192).",
+        description="Run an exercise's answer on the default model: perplexity of the first "
+        "--tokens tokens of a text with your change, beside the runs it should be compared with "
+        "(the NumPy reference forward pass: exact, slow, so keep it short; those other runs are "
+        "kept in the cache folder after their first time). With --flex, a mask exercise runs "
+        "instead as the mask_mod of the torch model's compiled FlexAttention, at full length "
+        "(e.g. --tokens 16384 --n-global 10 --n-local 8192). The checks in "
+        "tests/test_exercises.py, not these figures, say whether an answer is right.",
     )
     p.add_argument("command", choices=["run"])
     p.add_argument("exercise", choices=list(RUNS))
@@ -143,13 +234,12 @@ def main(argv=None):
     p.add_argument(
         "--flex",
         action="store_true",
-        help="mask exercises: your mask alone, through the torch model's "
-        "compiled FlexAttention (minutes at 16k tokens on 2 cores; compare with eval ppl, "
-        "docs/results.md)",
+        help="mask exercises: through the torch model's compiled FlexAttention (minutes at 16k "
+        "tokens on 2 cores)",
     )
+    p.add_argument("--png", help="draw your answer beside the reference's into this PNG")
     cli.add_flags(p, "--ckpt")
     a = p.parse_args(argv)
-    from lminf_min.config import LambdaConfig, UserError
     from lminf_min.tokenizer import Tokenizer
 
     if a.tokens < 2 or a.n_global < 0 or a.n_local < 4:
@@ -161,11 +251,11 @@ def main(argv=None):
             f"--answers {a.answers}: no such file; give the path of a .py file like "
             "docs/solutions.py"
         )
-    what, make = RUNS[a.exercise]
+    cli.writable(a.png, a.text, a.answers)
+    what, make, label, beside = RUNS[a.exercise]
     if a.flex and what != "mask":
         raise UserError(
-            f"--flex runs mask exercises only; {a.exercise} changes distances: run it without "
-            "--flex"
+            f"--flex runs mask exercises only; {a.exercise} is not a mask: run it without --flex"
         )
     if a.answers:
         spec = importlib.util.spec_from_file_location("answers", a.answers)
@@ -173,39 +263,62 @@ def main(argv=None):
         spec.loader.exec_module(ex)
     else:
         import lminf_min.exercises as ex
-    ckpt, cfg, w, _ = cli.load_model(a.ckpt, "cpu", "float32")
-    ids = Tokenizer(ckpt).encode(cli.read_prompt(a.text))[: a.tokens]
-    lam = LambdaConfig(a.n_global, a.n_local, a.n_local)
+    G, L, T = a.n_global, a.n_local, a.tokens
     try:
-        change = make(ex, len(ids), a.n_global, a.n_local)
+        change = make(ex, T, G, L)
         # your function, on a small grid first: NotImplementedError shows up here
         if what == "mask":
-            change(np.arange(4)[:, None], np.arange(4)[None, :], lam)
+            change(np.arange(4)[:, None], np.arange(4)[None, :], window(G, L))
     except NotImplementedError:
         raise UserError(
             f"{a.exercise} is not written yet: replace its `raise NotImplementedError` in "
             f"{ex.__file__}"
         ) from None
-    head = f"{len(ids)} tokens of {Path(a.text).name}, perplexity"
+    if what == "count":
+        return count(np.asarray(change), T, G, L, a.png)
+    ckpt, cfg, w, _ = cli.load_model(a.ckpt, "cpu", "float32")
+    ids = Tokenizer(ckpt).encode(cli.read_prompt(a.text))[:T]
+    runs = beside(G, L) if a.flex else beside(G, L) | {"full attention": None}
     if a.flex:
-        yours = flex_perplexity(cfg, w, torch.tensor(ids), lam, change)
-        print(
-            f"{head} with your {a.exercise} (G={a.n_global}, L={a.n_local}, torch FlexAttention): "
-            f"{yours:.2f}"
-        )
-        return
-    weights = {name: t.numpy() for name, t in w.items()}
-    ids = np.array(ids)
-    runs = (
-        (None,),
-        (lam,),
-        (lam, change) if what == "mask" else (lam, definition.lambda_mask, change),
-    )
-    full, ours, yours = (perplexity(cfg, weights, ids, *run) for run in runs)
+        score = lambda lam, mask=definition.lambda_mask: flex_perplexity(cfg, w, ids, lam, mask)
+        yours = score(window(G, L), change)
+    else:
+        arrays = {name: t.numpy() for name, t in w.items()}
+        score = lambda lam, **kw: perplexity(cfg, arrays, np.array(ids), lam, **kw)
+        yours = score(window(G, L), **{what: change})
+    theirs = {run: remembered(score, ckpt, ids, lam, a.flex) for run, lam in runs.items()}
+    engine = "torch FlexAttention" if a.flex else "the NumPy reference"
+    print(f"{len(ids)} tokens of {Path(a.text).name}, perplexity ({engine}):")
+    print(f"  {yours:8.2f}  {label.format(G=G, L=L, half=L // 2, quarter=L // 4)}")
+    for run, ppl in theirs.items():
+        print(f"  {ppl:8.2f}  {run}")
+    if a.png:
+        i, j, lam = np.arange(T)[:, None], np.arange(T)[None, :], window(G, L)
+        if what == "mask":
+            pictures = change(i, j, lam), definition.lambda_mask(i, j, next(iter(runs.values())))
+        else:
+            visible = definition.lambda_mask(i, j, lam)
+            pictures = (
+                change(i, j, lam) * visible,
+                definition.effective_distance(i, j, lam) * visible,
+            )
+        G_ref, L_ref = next(iter(runs.values())).n_global, next(iter(runs.values())).n_local
+        names = (f"yours: {a.exercise}", f"reference: the Λ mask, G={G_ref}, L={L_ref}")
+        draw(a.png, *zip(names, map(np.asarray, pictures)), min(T, 64))
+
+
+def count(m, T, G, L, png):
+    """What keys_seen says about the cost: (query, key) pairs the Λ mask keeps, against full
+    attention's."""
+    pairs, full = int(np.broadcast_to(m, (T,)).sum()), T * (T + 1) // 2
     print(
-        f"{head}: full attention {full:.2f}; LM-Infinite G={a.n_global} "
-        f"L={a.n_local} {ours:.2f}; with your {a.exercise} ({what}) {yours:.2f}"
+        f"{T} queries, G={G}, L={L}: your m(i) sums to {pairs} (query, key) pairs, against {full} "
+        f"for full attention: {pairs / full:.4f} of the work"
     )
+    if png:
+        i = np.arange(T)
+        reference = definition.lambda_mask(i[:, None], i[None, :], window(G, L)).sum(1)
+        draw(png, ("yours: keys_seen", m), ("reference: rows of the Λ mask", reference), T)
 
 
 if __name__ == "__main__":

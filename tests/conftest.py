@@ -3,6 +3,7 @@ model."""
 
 import io
 import json
+import os
 import random
 import subprocess
 import sys
@@ -166,8 +167,13 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
-def run_module(module, *args):
-    """`python -m module args` from the repository root, its output captured as text."""
+def run_module(module, *args, env=None):
+    """`python -m module args` from the repository root, its output captured as text; env: variables
+    to set for it."""
     return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", module, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env and os.environ | env,
     )

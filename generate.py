@@ -5,6 +5,9 @@ python generate.py --ckpt DIR --prompt long.txt --max-new-tokens 200 --temperatu
 python generate.py --prompt long.txt --vanilla        # full attention, for comparison
 """
 
+import lminf_min  # noqa: F401  first: a Ctrl-C during the slow imports below ends in one line
+
+# isort: split
 import sys
 import time
 
@@ -35,16 +38,14 @@ def main(
 ):
     if max_new_tokens < 0:
         raise UserError(f"--max-new-tokens is {max_new_tokens}; it must be 0 or more")
-    if temperature < 0:
-        raise UserError(f"--temperature is {temperature}; it must be 0 (greedy) or more")
+    if temperature != 0 and not temperature >= 1e-4:
+        raise UserError(
+            f"--temperature is {temperature}; it must be 0 (greedy) or at least 0.0001 (below "
+            "that, sampling is greedy anyway)"
+        )
     text = cli.read_prompt(prompt)
     ckpt, cfg, weights, device = cli.load_model(ckpt, device, dtype)
-    tok = Tokenizer(ckpt)
-    if tok.vocab_size > cfg.vocab_size:
-        raise UserError(
-            f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; use "
-            f"the tokenizer that came with {ckpt}"
-        )
+    tok = Tokenizer(ckpt, cfg.vocab_size)
     ids = tok.encode(text)
     lam = (
         None
@@ -61,14 +62,7 @@ def main(
             file=sys.stderr,
         )
     cache = caches.new_cache(cfg, lam)
-    # keys, values
-    per_token = (
-        2
-        * cfg.num_hidden_layers
-        * cfg.num_key_value_heads
-        * cfg.head_dim
-        * weights["model.norm.weight"].element_size()
-    )
+    per_token = caches.kv_bytes_per_token(cfg, weights["model.norm.weight"].element_size())
     grown = 2 * (len(ids) + max_new_tokens) * per_token  # the buffers double when full
     free = cli.available_memory() if device == "cpu" else torch.cuda.mem_get_info()[0]
     if isinstance(cache, caches.KVCache) and free is not None and grown > free:
@@ -134,4 +128,4 @@ if __name__ == "__main__":
         top_k_from_layer=dict(type=int, default=0, help="first layer using top-k middle tokens"),
         top_k_distance=dict(type=int, help="distance they are scored at (default: L // 2)"),
     )
-    cli.run(main)(**vars(parser.parse_args()))
+    cli.run(lambda: main(**cli.parse(parser)))()

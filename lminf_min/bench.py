@@ -102,12 +102,17 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
         if device == "auto"
         else device
     )
-    H, H_kv, D = heads
+    if len(heads) != 3 or min(heads) < 1 or heads[0] % heads[1] or min(lengths) < 1:
+        raise UserError(
+            f"--heads {heads}, --lengths {lengths}: give three positive numbers, query heads a "
+            "multiple of key/value heads (e.g. 9,3,64), and positive lengths"
+        )
+    H, H_kv, hd = heads
     lam, rows, flex = LambdaConfig(n_global, n_local, n_local), [], model.Flex()
     for T in lengths:
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (
-            torch.randn(h, T, D, generator=g, device=device, dtype=getattr(torch, dtype))
+            torch.randn(h, T, hd, generator=g, device=device, dtype=getattr(torch, dtype))
             for h in (H, H_kv, H_kv)
         )
         pos = torch.arange(T, device=device)
@@ -131,7 +136,7 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
             }
         )
     report(
-        f"attention, heads {H}/{H_kv} x {D}, G={n_global} L={n_local}",
+        f"attention, heads {H}/{H_kv} x {hd}, G={n_global} L={n_local}",
         rows,
         json_out,
         device=device,
@@ -149,7 +154,7 @@ def prefill_cmd(ckpt, text, lengths, json_out, device, dtype):
     forward pass."""
     cli.writable(json_out, text)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    ids = Tokenizer(ckpt).encode(cli.read_prompt(text))
+    ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(text))
     if len(ids) < max(lengths):
         raise UserError(
             f"{text} holds only {len(ids)} tokens; pass a longer text or smaller --lengths"
@@ -196,16 +201,16 @@ def pairs(T, lam):
 
 
 def prefill_flops(cfg, T, lam):
-    """Multiply-add FLOPs of a T-token prompt: 2 per weight of the layers per token, and 4·H·D per
+    """Multiply-add FLOPs of a T-token prompt: 2 per weight of the layers per token, and 4·H·hd per
     layer for each (query, key) pair attended (scores and values). Their ratio bounds the speedup of
     kernels equally fast."""
     C = cfg.hidden_size
     H = cfg.num_attention_heads
     H_kv = cfg.num_key_value_heads
-    D = cfg.head_dim
+    hd = cfg.head_dim
     F = cfg.intermediate_size
     return cfg.num_hidden_layers * (
-        2 * T * (2 * C * H * D + 2 * C * H_kv * D + 3 * C * F) + 4 * H * D * pairs(T, lam)
+        2 * T * (2 * C * H * hd + 2 * C * H_kv * hd + 3 * C * F) + 4 * H * hd * pairs(T, lam)
     )
 
 
@@ -352,7 +357,7 @@ def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
         raise UserError("--prompt-tokens and --new-tokens must be at least 1")
     cli.writable(json_out, text)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    ids = Tokenizer(ckpt).encode(cli.read_prompt(text))[:prompt_tokens]
+    ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(text))[:prompt_tokens]
     if len(ids) < prompt_tokens:
         raise UserError(
             f"{text} holds only {len(ids)} tokens; pass a longer text or a smaller --prompt-tokens"
@@ -466,7 +471,7 @@ def main(argv=None):
         tokens=dict(type=int, default=100000, help="stream length"),
         chunk=dict(type=int, default=1024, help="tokens per forward pass"),
     )
-    args = vars(parser.parse_args(argv))
+    args = cli.parse(parser, argv)
     commands = {
         "generate": generate,
         "attention": attention,

@@ -7,7 +7,8 @@ layer.
 
 import torch
 
-from .config import LambdaConfig, LlamaConfig
+from .cli import available_memory
+from .config import LambdaConfig, LlamaConfig, UserError
 from .mask import lambda_mask
 from .model import rope, rope_angles
 
@@ -20,13 +21,13 @@ class KVCache:
     """
 
     def __init__(self, n_layers):
-        self.k, self.v = [None] * n_layers, [None] * n_layers  # (H_kv, capacity, D) each
+        self.k, self.v = [None] * n_layers, [None] * n_layers  # (H_kv, capacity, hd) each
         # tokens seen: the position of the next one; forward() advances it after the last layer
         self.length = 0
         self.origin = 0  # keys are rotated at (position - origin); it never moves here
 
     def update(self, layer, k, v):
-        """Append this chunk's (H_kv, T, D) keys/values; return all keys, values (H_kv, S, D) and
+        """Append this chunk's (H_kv, T, hd) keys/values; return all keys, values (H_kv, S, hd) and
         their positions (S,)."""
         start, T = self.length, k.shape[1]
         if self.k[layer] is None or start + T > self.k[layer].shape[1]:
@@ -58,7 +59,7 @@ class KVCache:
 
 
 def _grown(buffer, like, keep, capacity):
-    """A (H_kv, capacity, D) buffer holding the first `keep` positions of `buffer`."""
+    """A (H_kv, capacity, hd) buffer holding the first `keep` positions of `buffer`."""
     new = like.new_empty(like.shape[0], capacity, like.shape[2])
     if buffer is not None:
         new[:, :keep] = buffer[:, :keep]
@@ -82,7 +83,7 @@ class LambdaCache:
 
     def __init__(self, n_layers, lam: LambdaConfig, theta):
         self.lam, self.theta = lam, theta
-        self.k, self.v = [None] * n_layers, [None] * n_layers  # (H_kv, G + L, D) each
+        self.k, self.v = [None] * n_layers, [None] * n_layers  # (H_kv, G + L, hd) each
         # absolute position held by each slot
         self.pos = torch.full((lam.n_global + lam.n_local,), self.EMPTY)
         # tokens seen: the position of the next one; forward() advances it after the last layer
@@ -99,7 +100,7 @@ class LambdaCache:
         return lambda_mask(positions[-1], positions, self.lam)
 
     def update(self, layer, k, v):
-        """Store this chunk's (H_kv, T, D) keys/values; return the keys, values and positions to
+        """Store this chunk's (H_kv, T, hd) keys/values; return the keys, values and positions to
         attend over.
 
         A single token is stored first: it overwrites position p - L at most, which it no longer
@@ -161,4 +162,16 @@ def new_cache(cfg: LlamaConfig, lam: LambdaConfig | None = None):
     middle tokens (which may pick any key, so none can be evicted)."""
     if lam is None or lam.top_k:
         return KVCache(cfg.num_hidden_layers)
+    slots = lam.n_global + lam.n_local
+    need, free = slots * kv_bytes_per_token(cfg, 4), available_memory()  # float32 at most
+    if free is not None and need > free:
+        raise UserError(
+            f"a bounded cache of G + L = {slots} positions needs {need / 2**30:.1f} GiB, more than "
+            f"the {free / 2**30:.1f} GiB available; use a smaller --n-local or --n-global"
+        )
     return LambdaCache(cfg.num_hidden_layers, lam, cfg.rope_theta)
+
+
+def kv_bytes_per_token(cfg: LlamaConfig, itemsize):
+    """Bytes a cache holds per position: a key and a value per layer and key/value head."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize

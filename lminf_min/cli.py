@@ -3,14 +3,18 @@ them with clear errors, and `run`, which turns a UserError into one line on stde
 """
 
 import argparse
+import errno
 import json
+import math
 import os
 import resource
+import signal
 import sys
 from pathlib import Path
 
 import torch
 
+from . import interrupted
 from .config import UserError
 
 DEVICES, DTYPES = ["auto", "cpu", "cuda"], ["float32", "bfloat16", "float16"]
@@ -45,6 +49,26 @@ def add_flags(parser, *common, **own):
     return parser
 
 
+LARGEST = 10**15  # no count, length or distance a command takes is larger (positions are int64)
+
+
+def parse(parser, argv=None):
+    """The command line's arguments as a dict, every number in it checked once: integers within
+    ±LARGEST (a seed: 0..2^64 - 1, what torch takes), floats finite. Each command checks its own
+    lower bounds."""
+    args = vars(parser.parse_args(argv))
+    for name, values in args.items():
+        flag = "--" + name.removesuffix("_out").replace("_", "-")
+        for value in values if isinstance(values, list) else [values]:
+            if name == "seed" and not 0 <= value < 2**64:
+                raise UserError(f"{flag} is {value}; it must be a whole number from 0 to 2^64 - 1")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST:
+                raise UserError(f"{flag} is {value}; it must be at most 10^15")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{flag} is {value}; it must be a finite number")
+    return args
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each flag's default, except where there is none (None): its help text says what
     happens."""
@@ -54,10 +78,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def run(main):
-    """Run a command-line entry point: a UserError becomes one line on stderr and exit code 2, not a
-    traceback."""
+    """Run a command-line entry point: a UserError or a full disk ends in one line on stderr and
+    exit code 2, a Ctrl-C in "interrupted" and 130, never a traceback."""
 
     def run(*args, **kwargs):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt
         try:
             return main(*args, **kwargs)
         except UserError as e:
@@ -69,6 +94,17 @@ def run(main):
         except BrokenPipeError:  # the output was piped into e.g. `head`, which stopped reading
             sys.stderr.close()
             sys.exit(0)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+                raise
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # drop what is left
+            print(
+                f"error: cannot write the output ({e.strerror}); free space or write elsewhere",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        finally:  # as during the imports: a Ctrl-C while Python shuts down
+            signal.signal(signal.SIGINT, interrupted)
 
     return run
 
@@ -161,7 +197,8 @@ def writable(path, *reads):
     out = Path(path).resolve()
     if not out.parent.is_dir():
         raise UserError(
-            f"cannot write {path}: its folder does not exist; create it or pick another path"
+            f"cannot write {path}: its folder {out.parent} does not exist or is a file; create it "
+            "or pick another path"
         )
     taken = [Path(r).resolve() for r in reads if r]
     if out.is_dir() or out in taken or (out.exists() and out.parent in taken):

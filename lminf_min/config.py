@@ -18,9 +18,9 @@ class LlamaConfig:
     num_hidden_layers: int  # transformer blocks
     num_attention_heads: int  # H, query heads
     num_key_value_heads: int  # H_kv, key/value heads (GQA when < H)
-    head_dim: int  # D, per-head width
+    head_dim: int  # hd, per-head width
     max_position_embeddings: int  # L_pretrain, the length the model was trained on
-    rope_theta: float = 10000.0  # RoPE base: frequencies theta^(-2f/D)
+    rope_theta: float = 10000.0  # RoPE base: frequencies theta^(-2f/hd)
     rms_norm_eps: float = 1e-6  # epsilon inside RMSNorm
     tie_word_embeddings: bool = False  # LM head shares the embedding matrix
     bos_token_id: int | None = None

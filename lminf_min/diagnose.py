@@ -1,12 +1,16 @@
-"""Look inside the model: attention entropy and the largest attention logits, vanilla vs LM-Infinite
-(paper §3's diagnosis).
+"""Look inside the model, the paper's diagnosis (§3): attention entropy, the largest attention
+logits, and where the attention outputs lie, vanilla against LM-Infinite.
 
-    python -m lminf_min.diagnose entropy --text FILE --tokens 12288 --png entropy.png
+    python -m lminf_min.diagnose entropy --text FILE --tokens 32768 --png entropy.png
     python -m lminf_min.diagnose logits --text FILE --tokens 12288 --png logits.png
+    python -m lminf_min.diagnose pca --text FILE --tokens 12288 --layer 15 --png pca.png
 
-entropy: attention entropy per layer against position; logits: the largest logit against distance.
+entropy: attention entropy per layer, averaged over many queries per position bucket (Factor 2);
+logits: the largest logit against distance (Factor 1); pca: one layer's attention outputs projected
+to 2-D, in the window and past it (Factor 3).
 """
 
+import dataclasses
 import math
 import sys
 
@@ -16,33 +20,32 @@ from tqdm import tqdm
 
 from lminf_min import cli, model
 from lminf_min.config import LambdaConfig, UserError
+from lminf_min.mask import lambda_mask
 from lminf_min.tokenizer import Tokenizer
 
-ROWS = 48  # query positions sampled, evenly spread
+ROWS = 48  # query positions the logits command samples, evenly spread
 
 
-def row_logits(q, k, i, theta, lam):
-    """Logits (H, i+1) of the query at position i over keys 0..i as the attention scores them, -inf
-    where masked.
+def row_logits(q, k, rows, theta, lam):
+    """Logits (H, n, S) of the queries at positions rows (n,) over keys 0..S-1 as the attention
+    scores them, -inf where masked.
 
-    q: (H, D) rotated at i; k: (H_kv, i+1, D) rotated at their positions; lam None = vanilla, else
-    d_max >= L - 1. Starting tokens beyond d_max are scored at d_max by rotating the query back by
-    the excess (reference.py's way, not model.py's).
+    q: (H, n, hd) rotated at rows; k: (H_kv, S, hd) rotated at their positions; lam None = vanilla,
+    else d_max >= L - 1. Starting tokens beyond d_max are scored at d_max by rotating the query back
+    by the excess (reference.py's way, not model.py's).
     """
-    H, D = q.shape
-    k = k.float().repeat_interleave(H // k.shape[0], dim=0)  # (H, i+1, D)
-    s = torch.einsum("hd,hjd->hj", q.float(), k) / math.sqrt(D)
-    if lam is None:
-        return s
-    j = torch.arange(i + 1, device=q.device)
-    far = j[(j < lam.n_global) & (i - j > lam.d_max)]
-    if len(far):
-        # (H, g, D)
-        q_at = model.rope(
-            q.float()[:, None, :], model.rope_angles(-(i - far - lam.d_max), D, theta)
-        )
-        s[:, far] = torch.einsum("hgd,hgd->hg", q_at, k[:, far]) / math.sqrt(D)
-    return s.masked_fill(~((i - j < lam.n_local) | (j < lam.n_global)), -math.inf)
+    (H, _, hd), S = q.shape, k.shape[1]
+    k = k.float().repeat_interleave(H // k.shape[0], dim=0)  # (H, S, hd)
+    s = q.float() @ k.transpose(1, 2) / math.sqrt(hd)
+    i, j = rows[:, None], torch.arange(S, device=q.device)[None, :]
+    for g in range(min(lam.n_global, S) if lam else 0):
+        far = rows - g > lam.d_max  # (n,)
+        if far.any():
+            q_at = model.rope(
+                q[:, far].float(), model.rope_angles(lam.d_max + g - rows[far], hd, theta)
+            )
+            s[:, far, g] = (q_at * k[:, g, None]).sum(-1) / math.sqrt(hd)
+    return s.masked_fill(~lambda_mask(i, j, lam), -math.inf)
 
 
 def entropy(logits):
@@ -52,109 +55,133 @@ def entropy(logits):
     return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
 
 
-@torch.inference_mode()
-def probe_runs(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, take):
-    """For vanilla and LM-Infinite: one forward pass over the text's first `tokens` tokens, calling
-    take(run, lam, layer, i, logits) for each layer and each of ROWS sampled query positions i (lam
-    None: vanilla)."""
+def read(ckpt, text, tokens, device, dtype, least):
+    """(config, weights, token ids (T,) on the device) of the first `tokens` tokens of the text."""
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    ids = Tokenizer(ckpt).encode(cli.read_prompt(text))[:tokens]
-    if len(ids) < ROWS:
-        raise UserError(f"{text} holds only {len(ids)} tokens; the diagnosis needs at least {ROWS}")
-    lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
-    rows = np.linspace(len(ids) / ROWS, len(ids) - 1, ROWS).astype(int).tolist()
-    for run, run_lam in (
-        ("vanilla", None),
-        (f"LM-Infinite G={lam.n_global} L={lam.n_local} D={lam.d_max}", lam),
-    ):
+    ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(text))[:tokens]
+    if len(ids) < least:
+        raise UserError(
+            f"{text} holds only {len(ids)} tokens; this diagnosis needs at least {least}"
+        )
+    return cfg, w, torch.tensor(ids, device=device)
+
+
+@torch.inference_mode()
+def probe_runs(cfg, w, ids, lam, groups, take):
+    """For vanilla and LM-Infinite: one forward pass over ids, calling take(run, lam, layer, rows,
+    logits) for each layer and each group of query positions (lam None: vanilla)."""
+    name = f"LM-Infinite G={lam.n_global} L={lam.n_local} D={lam.d_max}"
+    for run, run_lam in (("vanilla", None), (name, lam)):
         bar = tqdm(
             total=cfg.num_hidden_layers, desc=run.split(" ")[0], unit="layer", file=sys.stderr
         )
 
-        def probe(layer, q, k):
-            for i in rows:
-                rl = row_logits(q[:, i], k[:, : i + 1], i, cfg.rope_theta, run_lam)
-                take(run, run_lam, layer, i, rl)
+        def probe(layer, q, k, a):
+            for rows in groups:
+                rows = torch.tensor(rows, device=q.device)
+                logits = row_logits(
+                    q[:, rows], k[:, : int(rows[-1]) + 1], rows, cfg.rope_theta, run_lam
+                )
+                take(run, layer, rows, logits)
             bar.update()
 
-        model.forward(
-            w, cfg, torch.tensor(ids, device=device), lam=run_lam, hidden_only=True, probe=probe
-        )
+        model.forward(w, cfg, ids, lam=run_lam, hidden_only=True, probe=probe)
         bar.close()
-    return rows, lam, cfg
 
 
-def entropy_cmd(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, png, json_out):
+def entropy_cmd(
+    ckpt, text, tokens, bucket, queries, n_global, n_local, d_max, device, dtype, png, json_out
+):
     cli.writable(json_out, text, ckpt)
     cli.writable(png, text, ckpt, json_out)
-    found = {}  # run -> (layers, rows) mean entropy over heads
-    take = lambda run, lam, layer, i, logits: (
+    if bucket < 1 or queries < 1:
+        raise UserError("--bucket and --queries must be at least 1")
+    cfg, w, ids = read(ckpt, text, tokens, device, dtype, least=bucket)
+    lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
+    # `queries` positions evenly spread over each whole bucket [start, start + bucket)
+    starts = range(0, len(ids) - bucket + 1, bucket)
+    groups = [
+        np.unique(np.linspace(a, a + bucket - 1, queries).round().astype(int)).tolist()
+        for a in starts
+    ]
+    found = {}  # run -> layer -> mean entropy (over heads and the bucket's queries) per bucket
+
+    def take(run, layer, rows, logits):
         found.setdefault(run, {}).setdefault(layer, []).append(float(entropy(logits).mean()))
-    )
-    rows, lam, cfg = probe_runs(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, take)
-    bound = math.log(lam.n_global + lam.n_local)
+
+    probe_runs(cfg, w, ids, lam, groups, take)
+    inside = min(max(lam.n_local // bucket - 1, 0), len(starts) - 1)  # the last bucket inside L
     result = {
-        "positions": rows,
-        "bound_ln_G_plus_L": bound,
+        "buckets": [[a, a + bucket] for a in starts],
+        "queries": groups,
+        "in_window_bucket": inside,
+        "bound_ln_G_plus_L": math.log(lam.n_global + lam.n_local),
         "window": lam.n_local,
         "entropy": {run: [layers[n] for n in sorted(layers)] for run, layers in found.items()},
     }
+    (a, b), (c, d) = result["buckets"][inside], result["buckets"][-1]
     for run, per_layer in result["entropy"].items():
+        mean = np.mean(per_layer, axis=0)  # over layers, per bucket
         print(
-            f"{run}: mean entropy over layers at positions {rows[0]}, {rows[ROWS // 2]}, "
-            f"{rows[-1]}: "
-            + ", ".join(f"{np.mean([e[r] for e in per_layer]):.2f}" for r in (0, ROWS // 2, -1))
-            + f" nats (ln(G+L) = {bound:.2f})"
+            f"{run}: mean entropy {mean[-1]:.2f} nats at positions {c}-{d - 1} against "
+            f"{mean[inside]:.2f} at {a}-{b - 1}, inside the window: {mean[-1] - mean[inside]:+.2f} "
+            f"({len(groups[-1])} queries per bucket, mean over {cfg.num_hidden_layers} layers and "
+            f"{cfg.num_attention_heads} heads; ln(G+L) = {result['bound_ln_G_plus_L']:.2f})"
         )
-    save(result, json_out, png, lambda ax: plot_entropy(ax, result))
+    save(result, json_out, png, plot_entropy, panels=2)
 
 
-def plot_entropy(ax, result):
-    for (run, per_layer), color in zip(result["entropy"].items(), ("#d1492e", "#3b75af")):
-        e = np.array(per_layer)  # (layers, rows)
-        ax.plot(result["positions"], e.mean(0), color=color, lw=2, label=f"{run}: mean over layers")
-        ax.fill_between(
-            result["positions"],
-            e.min(0),
-            e.max(0),
-            color=color,
-            alpha=0.15,
-            label=f"{run.split(' ')[0]}: range over layers",
+def plot_entropy(axes, result):
+    centre = [(a + b) / 2 for a, b in result["buckets"]]
+    colours = {"vanilla": "#d1492e"}
+    for run, per_layer in result["entropy"].items():
+        e, colour = np.array(per_layer), colours.get(run, "#3b75af")  # (layers, buckets)
+        change = e - e[:, [result["in_window_bucket"]]]
+        axes[0].plot(centre, e.mean(0), color=colour, lw=2, marker="o", ms=3, label=run)
+        axes[1].plot(centre, change.T, color=colour, lw=0.5, alpha=0.3)
+        axes[1].plot(
+            centre, change.mean(0), color=colour, lw=2, marker="o", ms=3, label=f"{run}: mean"
         )
-    ax.axhline(
+    axes[0].axhline(
         result["bound_ln_G_plus_L"],
         color="k",
         ls="--",
         lw=1,
-        label="ln(G + L): the most a Λ row can reach",
+        label="ln(G + L): most a Λ row can reach",
     )
-    ax.axvline(result["window"], color="gray", ls=":", lw=1, label="L (training length)")
-    ax.set(
-        xlabel="query position",
-        ylabel="attention entropy (nats, mean over heads)",
-        title="Attention entropy by position",
+    axes[1].axhline(0, color="k", lw=0.5)
+    a, b = result["buckets"][result["in_window_bucket"]]
+    for ax in axes:
+        ax.axvline(result["window"], color="gray", ls=":", lw=1, label="L, the training length")
+        ax.set(xlabel="query position (bucket centre)")
+    axes[0].set(ylabel="nats", title="Attention entropy, mean over layers and heads")
+    axes[1].set(
+        ylabel="nats", title=f"Change from each layer's level at {a}-{b - 1} (thin: layers)"
     )
 
 
 def logits_cmd(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, png, json_out):
     cli.writable(json_out, text, ckpt)
     cli.writable(png, text, ckpt, json_out)
+    cfg, w, ids = read(ckpt, text, tokens, device, dtype, least=ROWS)
+    lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
+    rows = np.linspace(len(ids) / ROWS, len(ids) - 1, ROWS).astype(int).tolist()
     # distance buckets [edges[b], edges[b + 1])
     edges = np.unique(np.geomspace(1, tokens, 40).astype(int))
     found = {}  # run -> largest logit per distance bucket
 
-    def take(run, lam, layer, i, logits):
+    def take(run, layer, rows, logits):
         best = found.setdefault(run, np.full(len(edges), -np.inf))
-        top = logits.max(0).values.cpu().numpy()  # (i + 1,): largest over heads, per key j
-        distance = i - np.arange(i + 1)
+        top = logits.amax(0).cpu().numpy()  # (n, S): largest over heads
+        distance = rows.cpu().numpy()[:, None] - np.arange(top.shape[1])[None, :]
         # the distance RoPE sees
-        distance = distance if lam is None else np.minimum(distance, lam.d_max)
+        distance = distance if run == "vanilla" else np.minimum(distance, lam.d_max)
         for b in range(len(edges) - 1):
             part = top[(distance >= edges[b]) & (distance < edges[b + 1])]
             if len(part):
                 best[b] = max(best[b], part.max())
 
-    rows, lam, cfg = probe_runs(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, take)
+    probe_runs(cfg, w, ids, lam, [rows], take)
     result = {
         "distance_from": edges[:-1].tolist(),
         "distance_to": edges[1:].tolist(),
@@ -175,7 +202,7 @@ def logits_cmd(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, png,
             f"{run}: largest logit within the window {max(inside):.1f}"
             + (f", beyond it {max(beyond):.1f}" if beyond else ", none beyond it")
         )
-    save(result, json_out, png, lambda ax: plot_logits(ax, result))
+    save(result, json_out, png, plot_logits)
 
 
 def plot_logits(ax, result):
@@ -192,7 +219,86 @@ def plot_logits(ax, result):
     )
 
 
-def save(result, json_out, png, draw):
+@torch.inference_mode()
+def pca_cmd(
+    ckpt, text, tokens, layer, points, n_global, n_local, d_max, device, dtype, png, json_out
+):
+    cli.writable(json_out, text, ckpt)
+    cli.writable(png, text, ckpt, json_out)
+    cfg, w, ids = read(ckpt, text, tokens, device, dtype, least=1)
+    lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
+    layer = cfg.num_hidden_layers // 2 if layer is None else layer
+    if (
+        not 0 <= layer < cfg.num_hidden_layers
+        or len(ids) <= lam.n_local
+        or lam.n_global >= lam.n_local
+    ):
+        raise UserError(
+            f"pca needs --layer in 0..{cfg.num_hidden_layers - 1}, G < L and a text longer than "
+            f"L = {lam.n_local} tokens (it has {len(ids)}); pass a longer text or a smaller L"
+        )
+    runs = {
+        "vanilla": None,
+        "LM-Infinite": lam,
+        "window only (G=0)": dataclasses.replace(lam, n_global=0),
+    }
+    outputs = {}  # run -> (T, H*hd) attention outputs of the layer
+    # no need to run the layers after it
+    upto = dataclasses.replace(cfg, num_hidden_layers=layer + 1)
+    for run, run_lam in tqdm(runs.items(), desc=f"layer {layer}", unit="run", file=sys.stderr):
+
+        def keep(n, q, k, a):
+            if n == layer:
+                outputs[run] = a.double().cpu().numpy()
+
+        model.forward(w, upto, ids, lam=run_lam, hidden_only=True, probe=keep)
+    # fitted on the positions inside the window past the starting tokens, where all three agree
+    G, L = lam.n_global, lam.n_local
+    fit = outputs["vanilla"][G:L]
+    centre = fit.mean(0)
+    axes = np.linalg.svd(fit - centre, full_matrices=False)[2][:2]  # (2, H*hd): the top components
+    usual = np.linalg.norm(fit - centre, axis=1).mean()  # the window's own distance from it
+    pick = lambda a, b: np.unique(np.linspace(a, b - 1, min(points, b - a)).round().astype(int))
+    groups = {
+        f"in the window ({G}..{L - 1})": ("vanilla", pick(G, L)),
+        **{f"past L ({L}..{len(ids) - 1}): {run}": (run, pick(L, len(ids))) for run in runs},
+        f"starting tokens (0..{G - 1})": ("vanilla", np.arange(G)),
+    }
+    explained = ((fit - centre) @ axes.T).var(0).sum() / ((fit - centre) ** 2).sum(1).mean()
+    result = {"layer": layer, "window": L, "explained": float(explained), "groups": {}}
+    for name, (run, at) in groups.items():
+        xy = (outputs[run][at] - centre) @ axes.T  # (n, 2)
+        away = float(np.linalg.norm(outputs[run][at] - centre, axis=1).mean() / usual)
+        result["groups"][name] = {"positions": at.tolist(), "xy": xy.tolist(), "distance": away}
+        print(
+            f"{name}: {len(at)} tokens, mean distance from the window's centre {away:.2f} "
+            "(1 = the window's own, all dimensions)"
+        )
+    save(result, json_out, png, plot_pca)
+
+
+def plot_pca(ax, result):
+    styles = ["#bbbbbb", "#d1492e", "#3b75af", "#e8a33d", "k"]  # window, 3 runs, starting tokens
+    for (name, g), colour in zip(result["groups"].items(), styles):
+        x, y = np.array(g["xy"]).T
+        big = name.startswith("starting")
+        ax.scatter(
+            x,
+            y,
+            s=40 if big else 4,
+            c=colour,
+            marker="*" if big else "o",
+            label=f"{name}: {g['distance']:.2f}",
+        )
+    ax.set(
+        xlabel="first principal component (fitted on the window)",
+        ylabel="second principal component",
+        title=f"Layer {result['layer']} attention outputs in 2-D (PCA fitted on the window)",
+    )
+    ax.legend(title="mean distance from the window's centre (window = 1)", fontsize=7)
+
+
+def save(result, json_out, png, draw, panels=1):
     if json_out:
         cli.write_json(json_out, result)
     if png:
@@ -201,10 +307,12 @@ def save(result, json_out, png, draw):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        draw(ax)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), squeeze=False)
+        draw(axes[0] if panels > 1 else axes[0, 0], result)
+        for ax in axes[0]:
+            ax.grid(True, alpha=0.3)
+            if ax.get_legend() is None:  # unless draw() made its own
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(png, dpi=120)
         print(f"wrote {png}")
@@ -213,21 +321,42 @@ def save(result, json_out, png, draw):
 def main(argv=None):
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, what in (
-        ("entropy", "attention entropy per layer against position, with the ln(G+L) bound"),
-        ("logits", "largest attention logit against relative distance (the logit explosion)"),
-    ):
-        cli.add_flags(
-            cli.subcommand(sub, name, what),
-            *cli.MODEL,
-            *cli.LAMBDA,
-            "--json",
-            text=dict(required=True, help="UTF-8 text to read"),
-            tokens=dict(type=int, default=12288, help="read the first N tokens (one pass each)"),
-            png=dict(help="draw the plot into this PNG"),
-        )
-    args = vars(parser.parse_args(argv))
-    {"entropy": entropy_cmd, "logits": logits_cmd}[args.pop("command")](**args)
+    common = (*cli.MODEL, *cli.LAMBDA, "--json")
+    text = dict(required=True, help="UTF-8 text to read")
+    png = dict(help="draw the plot into this PNG")
+    cli.add_flags(
+        cli.subcommand(
+            sub, "entropy", "attention entropy per layer by position bucket, vanilla vs LM-Infinite"
+        ),
+        *common,
+        text=text,
+        tokens=dict(type=int, default=32768, help="read the first N tokens (one pass each)"),
+        bucket=dict(type=int, default=2048, help="positions per bucket"),
+        queries=dict(type=int, default=256, help="queries averaged per bucket, evenly spread"),
+        png=png,
+    )
+    cli.add_flags(
+        cli.subcommand(
+            sub, "logits", "largest attention logit against relative distance (the logit explosion)"
+        ),
+        *common,
+        text=text,
+        tokens=dict(type=int, default=12288, help="read the first N tokens (one pass each)"),
+        png=png,
+    )
+    cli.add_flags(
+        cli.subcommand(
+            sub, "pca", "one layer's attention outputs in 2-D: in the window, past it (3 runs)"
+        ),
+        *common,
+        text=text,
+        tokens=dict(type=int, default=12288, help="read the first N tokens (more than L)"),
+        layer=dict(type=int, help="the layer whose attention outputs are drawn (default: middle)"),
+        points=dict(type=int, default=1000, help="tokens drawn per group, evenly spread"),
+        png=png,
+    )
+    args = cli.parse(parser, argv)
+    {"entropy": entropy_cmd, "logits": logits_cmd, "pca": pca_cmd}[args.pop("command")](**args)
 
 
 if __name__ == "__main__":

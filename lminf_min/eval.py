@@ -117,9 +117,15 @@ def plot(results, out, title):
     for path in results:
         try:
             runs.append(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError) as e:
+            [(b["start"], b["end"], float(b["ppl"])) for b in runs[-1]["buckets"]]
+            (runs[-1]["attention"], float(runs[-1]["ppl"]))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
             raise UserError(
                 f"cannot read {path} ({e}); pass JSON files written by `eval ppl --json`"
+            ) from None
+        except (KeyError, TypeError, IndexError):
+            raise UserError(
+                f"{path} is not a result of `eval ppl --json` (no perplexity buckets); pass one"
             ) from None
     plot_ppl(runs, title, out)
     print(f"wrote {out}")
@@ -145,7 +151,10 @@ def stream(ckpt, text, tokens, segment, n_global, n_local, d_max, seed, json_out
         raise UserError("--tokens must be at least 2 and --segment at least 1")
     cli.writable(json_out, *text, ckpt)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    lam, tok = LambdaConfig.for_model(cfg, n_global, n_local, d_max), Tokenizer(ckpt)
+    lam, tok = (
+        LambdaConfig.for_model(cfg, n_global, n_local, d_max),
+        Tokenizer(ckpt, cfg.vocab_size),
+    )
     docs = [tok.encode(cli.read_prompt(t)) for t in text]
     nlls = stream_nll(
         w,
@@ -204,7 +213,7 @@ def ppl(
     cli.writable(plot, text, ckpt, json_out)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     lam = None if vanilla else LambdaConfig.for_model(cfg, n_global, n_local, d_max)
-    ids = Tokenizer(ckpt).encode(cli.read_prompt(text))[:max_tokens]
+    ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(text))[:max_tokens]
     if len(ids) < 2:
         raise UserError(f"{text} holds fewer than 2 tokens; perplexity needs a longer text")
     if len(ids) < max_tokens:
@@ -316,7 +325,15 @@ def passkey(
         raise UserError("--samples, --depths and --top-k-middle must be at least 1")
     cli.writable(json_out)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    tok = Tokenizer(ckpt)
+    need = 2 * max(lengths) * caches.kv_bytes_per_token(cfg, w["model.norm.weight"].element_size())
+    free = cli.available_memory() if device == "cpu" else torch.cuda.mem_get_info()[0]
+    if free is not None and need > free:
+        raise UserError(
+            f"--lengths: full attention's cache for {max(lengths)} tokens needs "
+            f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB available; use shorter "
+            "lengths"
+        )
+    tok = Tokenizer(ckpt, cfg.vocab_size)
     rng = torch.Generator().manual_seed(seed)
     backend = model.pick_backend(device)
     vocab, n_question = tok.vocab_size, len(tok.encode(PASSKEY_QUESTION))
@@ -455,7 +472,7 @@ def main(argv=None):
         out=dict(required=True, help="PNG file to write"),
         title=dict(default="perplexity by position", help="plot title"),
     ).add_argument("results", nargs="+", help="JSON files written by `ppl --json`")
-    args = vars(parser.parse_args(argv))
+    args = cli.parse(parser, argv)
     {"ppl": ppl, "stream": stream, "passkey": passkey, "plot": plot}[args.pop("command")](**args)
 
 

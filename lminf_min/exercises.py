@@ -239,7 +239,7 @@ def main(argv=None):
     )
     p.add_argument("--png", help="draw your answer beside the reference's into this PNG")
     cli.add_flags(p, "--ckpt")
-    a = p.parse_args(argv)
+    a = argparse.Namespace(**cli.parse(p, argv))
     from lminf_min.tokenizer import Tokenizer
 
     if a.tokens < 2 or a.n_global < 0 or a.n_local < 4:
@@ -277,7 +277,17 @@ def main(argv=None):
     if what == "count":
         return count(np.asarray(change), T, G, L, a.png)
     ckpt, cfg, w, _ = cli.load_model(a.ckpt, "cpu", "float32")
-    ids = Tokenizer(ckpt).encode(cli.read_prompt(a.text))[:T]
+    ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(a.text))[:T]
+    # the NumPy pass holds every query rotated for every key: (H, T, T, hd) float64, and a copy
+    need, free = (
+        2 * cfg.num_attention_heads * len(ids) ** 2 * cfg.head_dim * 8,
+        cli.available_memory(),
+    )
+    if not a.flex and free is not None and need > free:
+        raise UserError(
+            f"--tokens {T}: the NumPy pass over {len(ids)} tokens needs {need / 2**30:.0f} GiB, "
+            f"more than the {free / 2**30:.1f} GiB available; use fewer tokens, or --flex (masks)"
+        )
     runs = beside(G, L) if a.flex else beside(G, L) | {"full attention": None}
     if a.flex:
         score = lambda lam, mask=definition.lambda_mask: flex_perplexity(cfg, w, ids, lam, mask)

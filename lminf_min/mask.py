@@ -99,4 +99,4 @@ if __name__ == "__main__":
     )
     parser.add_argument("--d-max", type=int, help="largest distance ever scored (default: L)")
     parser.add_argument("--png", help="also draw the mask into this PNG file")
-    cli.run(main)(**vars(parser.parse_args()))
+    cli.run(lambda: main(**cli.parse(parser)))()

@@ -1,7 +1,7 @@
 """The Llama forward pass in torch: the same functions as reference.py, on CPU or CUDA, float32 or
 bfloat16.
 
-Shapes: T queries, S keys, C hidden size, H query heads, H_kv key/value heads, D head dim, V vocab.
+Shapes: T queries, S keys, C hidden size, H query heads, H_kv key/value heads, hd head dim, V vocab.
 Weights are a dict keyed by the checkpoint's own tensor names (see weights.load_checkpoint).
 """
 
@@ -26,7 +26,7 @@ def rms_norm(x, weight, eps):
 
 
 def rope_angles(positions, head_dim, theta):
-    """Angle of each frequency pair at each position, in float64. (T, D/2)"""
+    """Angle of each frequency pair at each position, in float64. (T, hd/2)"""
     inv_freq = theta ** (
         -torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim
     )
@@ -34,15 +34,15 @@ def rope_angles(positions, head_dim, theta):
 
 
 def rope(x, angles):
-    """Rotate each pair (x[f], x[f + D/2]) by its angle (HF half-split layout), in float32. x: (...,
-    T, D)."""
+    """Rotate each pair (x[f], x[f + hd/2]) by its angle (HF half-split layout), in float32.
+    x: (..., T, hd)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = angles.cos().float(), angles.sin().float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, middle=False, backend=None):
-    """Attention of T queries over S keys. q: (H, T, D), k, v: (H_kv, S, D), rotated at their
+    """Attention of T queries over S keys. q: (H, T, hd), k, v: (H_kv, S, hd), rotated at their
     positions; q_pos (T,) and k_pos (S,) are those positions (absolute, int64).
 
     Without lam: causal attention through SDPA over keys that must be positions 0..S-1 in order (as
@@ -70,8 +70,8 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, middle=Fal
 
 
 def causal_attention(q, k, v, cpu_kernel=True):
-    """Causal attention of the last T of S positions over keys 0..S-1 in order. q: (H, T, D), k, v:
-    (H_kv, S, D). cpu_kernel=False takes the path devices other than the CPU take."""
+    """Causal attention of the last T of S positions over keys 0..S-1 in order. q: (H, T, hd), k, v:
+    (H_kv, S, hd). cpu_kernel=False takes the path devices other than the CPU take."""
     H, T, S = q.shape[0], q.shape[1], k.shape[1]
     # the whole sequence, one new token, or not on CPU
     if T == S or T == 1 or not (cpu_kernel and q.device.type == "cpu"):
@@ -127,7 +127,7 @@ class Flex:
             self.block_mask = torch.compile(create_block_mask, dynamic=dynamic)
 
     def __call__(self, q, k, v, theta, lam: LambdaConfig, q_pos, k_pos):
-        (H, T, D), S, n = q.shape, k.shape[1], q.shape[0] // k.shape[0]
+        (H, T, hd), S, n = q.shape, k.shape[1], q.shape[0] // k.shape[0]
         mask_mod = lambda b, h, qi, ki: self.mask(q_pos[qi], k_pos[ki], lam)
         block_mask = self.block_mask(mask_mod, None, None, T, S, device=q.device)
         is_start = k_pos < lam.n_global
@@ -135,12 +135,12 @@ class Flex:
         if is_start.any():
             rank = is_start.cumsum(0) - 1  # the row of each starting key in the table
             # rotated to d_max
-            q_far = rope(q, rope_angles(lam.d_max - q_pos, D, theta)).view(-1, n, T, D)
+            q_far = rope(q, rope_angles(lam.d_max - q_pos, hd, theta)).view(-1, n, T, hd)
             # rotated back to 0
-            k_start = rope(k[:, is_start], rope_angles(-k_pos[is_start], D, theta))
+            k_start = rope(k[:, is_start], rope_angles(-k_pos[is_start], hd, theta))
             table = (q_far.float() @ k_start.float()[:, None].transpose(-1, -2)).view(
                 H, T, -1
-            ) / math.sqrt(D)
+            ) / math.sqrt(hd)
 
             def score_mod(score, b, h, qi, ki):
                 far = (k_pos[ki] < lam.n_global) & (q_pos[qi] - k_pos[ki] > lam.d_max)
@@ -190,23 +190,23 @@ def lambda_attention(
     a ring buffer); queries come in ascending order.
     """
     G, L, d_max = lam.n_global, lam.n_local, lam.d_max
-    (H, T, D), H_kv = q.shape, k.shape[0]
+    (H, T, hd), H_kv = q.shape, k.shape[0]
     n = H // H_kv  # query heads per key/value head
     is_start = k_pos < G
-    # (H_kv, g, D), (1, g)
+    # (H_kv, g, hd), (1, g)
     k_start, v_start, jg = (k[:, is_start], v[:, is_start], k_pos[is_start][None, :])
     # q_i and k_j are rotated by i and j, so their product is the logit at i - j. Past d_max, the
     # paper's trick: the query rotated to d_max and the key rotated back to 0 give the logit at
     # exactly d_max.
-    q_far = rope(q, rope_angles(d_max - q_pos, D, theta))
-    k_start0 = rope(k_start, rope_angles(-jg[0], D, theta))
+    q_far = rope(q, rope_angles(d_max - q_pos, hd, theta))
+    k_start0 = rope(k_start, rope_angles(-jg[0], hd, theta))
     # edges grow with the block: keep it well below L
     out, block = (torch.empty_like(q), min(most, max(64, L // 32)))
     for a in range(0, T, block):
         B = min(block, T - a)
         i = q_pos[a : a + B][:, None]  # (B, 1)
         # heads grouped by their key/value head
-        grouped = lambda x: x.reshape(H_kv, n, B, D) / math.sqrt(D)
+        grouped = lambda x: x.reshape(H_kv, n, B, hd) / math.sqrt(hd)
         qb, dg = grouped(q[:, a : a + B]), i - jg  # dg: distances to the starting tokens (B, g)
         full = (k_pos > i[-1] - L) & (k_pos <= i[0])  # band keys every query of the block sees
         # band keys only some see: at most 2·BLOCK - 2
@@ -233,14 +233,14 @@ def lambda_attention(
             else []
         )
         out[:, a : a + B] = merged(
-            [(o.view(H_kv, n, B, D), lse.view(H_kv, n, B)) for o, lse in band], groups
-        ).reshape(H, B, D)
+            [(o.view(H_kv, n, B, hd), lse.view(H_kv, n, B)) for o, lse in band], groups
+        ).reshape(H, B, hd)
     return out
 
 
 def merged(parts, groups=()):
-    """One softmax from partial ones: parts (outputs (..., D), lse (...)), each a softmax over its
-    own keys, and groups (logits (..., K), values (..., K, D)) written out. Each part and each key
+    """One softmax from partial ones: parts (outputs (..., hd), lse (...)), each a softmax over its
+    own keys, and groups (logits (..., K), values (..., K, hd)) written out. Each part and each key
     counts with its share exp(lse - top) or exp(logit - top) of the joint denominator; dividing by
     the sum of the shares keeps the result a weighted mean of the values even where huge logits tie
     in float32. Output in float32."""
@@ -266,25 +266,25 @@ def keys_at(x, where):
 
 
 def attend(q, k, v, cpu_kernel=True):
-    """Softmax attention of q (H, T, D) over all of k, v (H_kv, S, D), and the log-sum-exp of each
-    row's logits: outputs (H, T, D), lse (H, T) in float32.
+    """Softmax attention of q (H, T, hd) over all of k, v (H_kv, S, hd), and the log-sum-exp of each
+    row's logits: outputs (H, T, hd), lse (H, T) in float32.
 
     On CPU through cpu_flash_attention; elsewhere (or cpu_kernel=False) written out. The query heads
     that share a key/value head are stacked along the query axis, so no key is copied.
     """
-    (H, T, D), H_kv = q.shape, k.shape[0]
-    q = q.reshape(H_kv, H // H_kv * T, D)
+    (H, T, hd), H_kv = q.shape, k.shape[0]
+    q = q.reshape(H_kv, H // H_kv * T, hd)
     if cpu_kernel and q.device.type == "cpu":
         o, lse = cpu_flash_attention(q, k, v)
     else:
-        s = (q @ k.transpose(1, 2)).float() / math.sqrt(D)  # (H_kv, H/H_kv*T, S)
+        s = (q @ k.transpose(1, 2)).float() / math.sqrt(hd)  # (H_kv, H/H_kv*T, S)
         lse = s.logsumexp(-1)
         o = (s - lse[..., None]).exp().to(v.dtype) @ v
-    return o.reshape(H, T, D), lse.reshape(H, T)
+    return o.reshape(H, T, hd), lse.reshape(H, T)
 
 
 def cpu_flash_attention(q, k, v, causal=False):
-    """Outputs (H, T, D) and log-sum-exps (H, T) of softmax attention, H heads of q, k, v each, on
+    """Outputs (H, T, hd) and log-sum-exps (H, T) of softmax attention, H heads of q, k, v each, on
     CPU.
 
     A private torch op, on purpose: it is the only fused CPU attention kernel that also returns the
@@ -299,18 +299,18 @@ def cpu_flash_attention(q, k, v, causal=False):
 
 
 def top_k_middle(qb, k, v, theta, lam: LambdaConfig, i, k_pos):
-    """Logits (H_kv, H/H_kv, 1, K) and values (H_kv, H/H_kv, K, D) of the top-K middle keys of query
-    i, per head.
+    """Logits (H_kv, H/H_kv, 1, K) and values (H_kv, H/H_kv, K, hd) of the top-K middle keys of
+    query i, per head.
 
-    qb: (H_kv, H/H_kv, 1, D), scaled and rotated at i; k rotated at k_pos. Rotating k_j forward by
+    qb: (H_kv, H/H_kv, 1, hd), scaled and rotated at i; k rotated at k_pos. Rotating k_j forward by
     the excess (i - j) - top_k_distance makes their product the logit at top_k_distance.
     """
     middle = (k_pos >= lam.n_global) & (k_pos <= i - lam.n_local)
-    k_mid, v_mid = k[:, middle], v[:, middle]  # (H_kv, M, D)
+    k_mid, v_mid = k[:, middle], v[:, middle]  # (H_kv, M, hd)
     k_at = rope(k_mid, rope_angles(i - k_pos[middle] - lam.top_k_distance, k.shape[2], theta))
     logits = torch.einsum("knbd,kmd->knbm", qb, k_at).float()  # (H_kv, H/H_kv, 1, M)
     top, index = logits.topk(min(lam.top_k, k_mid.shape[1]), dim=-1)  # (H_kv, H/H_kv, 1, K)
-    # (H_kv, H/H_kv, K, D)
+    # (H_kv, H/H_kv, K, hd)
     values = torch.stack([v_mid[kv, index[kv, :, 0]] for kv in range(k.shape[0])])
     return top, values
 
@@ -337,42 +337,42 @@ def forward(
     them into logits.
     decoding: one generated token, which also sees the top-k middle keys if lam asks for them (paper
     §4).
-    probe: called as probe(layer, q, k) with this chunk's rotated queries and keys (how diagnose.py
-    looks inside).
+    probe: called as probe(layer, q, k, a) with this chunk's rotated queries and keys and its
+    attention output (T, H*hd) (how diagnose.py looks inside).
     backend: how Λ attention is computed (see attention; pick_backend(device) chooses it once);
     None: blocks.
     """
     w = weights
-    H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    H, H_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     T = tokens.shape[0]
     if decoding and T != 1:
         raise ValueError(f"decoding=True takes one token, not {T}")
     start, origin = cache.begin(T, lam) if cache is not None else (0, 0)
     q_pos = torch.arange(start, start + T, device=tokens.device)
-    # (T, D/2): small angles, see caches.LambdaCache
-    angles = rope_angles(q_pos - origin, D, cfg.rope_theta)
+    # (T, hd/2): small angles, see caches.LambdaCache
+    angles = rope_angles(q_pos - origin, hd, cfg.rope_theta)
     x = w["model.embed_tokens.weight"][tokens]  # (T, C)
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(T, H, D).transpose(0, 1)  # (H, T, D)
-        # (H_kv, T, D)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)
-        # (H_kv, T, D)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(T, H_kv, D).transpose(0, 1)
+        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(T, H, hd).transpose(0, 1)  # (H, T, hd)
+        # (H_kv, T, hd)
+        k = (h @ w[p + "self_attn.k_proj.weight"].T).view(T, H_kv, hd).transpose(0, 1)
+        # (H_kv, T, hd)
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(T, H_kv, hd).transpose(0, 1)
         q, k = rope(q, angles), rope(k, angles)
-        if probe:
-            probe(layer, q, k)
-        # (H_kv, S, D), (S,)
-        k, v, k_pos = cache.update(layer, k, v) if cache is not None else (k, v, q_pos)
+        # (H_kv, S, hd), (S,)
+        k_all, v, k_pos = cache.update(layer, k, v) if cache is not None else (k, v, q_pos)
         # paper §4: a decoding token also sees the top-k middle keys, in the layers asking for them
         middle = decoding and lam is not None and lam.top_k > 0 and layer >= lam.top_k_from_layer
-        # (T, H*D)
+        # (T, H*hd)
         a = (
-            attention(q, k, v, cfg.rope_theta, lam, q_pos, k_pos, middle, backend)
+            attention(q, k_all, v, cfg.rope_theta, lam, q_pos, k_pos, middle, backend)
             .transpose(0, 1)
-            .reshape(T, H * D)
+            .reshape(T, H * hd)
         )
+        if probe:
+            probe(layer, q, k, a)
         x = x + a @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         x = (

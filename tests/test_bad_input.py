@@ -9,17 +9,21 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file
+from test_gguf import write_tiny_gguf
 
 import generate
+import weights
 from conftest import ROOT, random_weights, run_module, tiny_config
 from lminf_min import cli
 from lminf_min.config import UserError
@@ -264,6 +268,11 @@ def test_prompt_larger_than_memory(tiny_ckpt, tmp_path):
 OPTIONS = [
     (["--max-new-tokens", "-1"], "--max-new-tokens"),
     (["--temperature", "-0.5"], "--temperature"),
+    (["--temperature", "nan"], "it must be a finite number"),
+    (["--temperature", "1e-50"], "at least 0.0001"),
+    (["--seed", str(2**64)], "from 0 to 2^64 - 1"),
+    (["--d-max", str(10**20)], "at most 10^15"),
+    (["--n-local", str(10**12)], "a bounded cache of G + L = 1000000000010 positions"),
     (["--n-local", "0"], "n_local (--n-local) is 0"),
     (["--n-global", "-1"], "n_global (--n-global) is -1"),
     (["--n-local", "32", "--d-max", "10"], "d_max=10 < n_local - 1"),
@@ -334,16 +343,85 @@ def test_full_cache_larger_than_memory(sp_ckpt, tmp_path):
             ["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "OUT", "--plot", "OUT"],
             "file",
         ),
+        (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "UNDER"], "is a file"),
+        (["plot", "CONFIG", "--out", "OUT"], "is not a result of `eval ppl --json`"),
+        (["passkey", "--lengths", str(10**14)], "full attention's cache for 100000000000000"),
+        (["stream", "--text", "PROMPT", "--tokens", str(10**20)], "at most 10^15"),
     ],
 )
 def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("hello there")
     names = {"PROMPT": prompt, "OUT": tmp_path / "x.png", "TMP": tmp_path}
-    names["CONFIG"] = sp_ckpt / "config.json"
+    names |= {"CONFIG": sp_ckpt / "config.json", "UNDER": prompt / "x.json"}
     args = [names.get(a, a) for a in args] + (["--ckpt", sp_ckpt] if args[0] != "plot" else [])
     r = run_module("lminf_min.eval", *args)
     assert_clean_error(r, words, tmp_path)
+    assert prompt.read_text() == "hello there"
+
+
+@pytest.mark.parametrize(
+    "module, args, words",
+    [
+        ("lminf_min.bench", ["attention", "--heads", "9,4,64"], "query heads a multiple"),
+        ("lminf_min.diagnose", ["logits", "--text", "PROMPT", "--tokens", "0"], "holds only 0"),
+        ("lminf_min.exercises", ["run", "window_mask", "--tokens", str(10**12)], "NumPy pass"),
+    ],
+)
+def test_bad_instrument_input(module, args, words, sp_ckpt, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the cat sat on the mat " * 10**4)
+    args = [prompt if a == "PROMPT" else a for a in args]
+    if module != "lminf_min.bench":
+        args += ["--ckpt", sp_ckpt]
+    if module == "lminf_min.exercises":
+        args += ["--answers", ROOT / "docs" / "solutions.py", "--text", prompt]
+    assert_clean_error(run_module(module, *args), words, tmp_path)
+
+
+def test_tokens_the_model_has_no_row_for_or_none_at_all(tiny_ckpt, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    prompt = tmp_path / "prompt.txt"
+    for model, text, words in (
+        (models.WordLevel({"w0": 0, "w1": 100}, "w0"), "w1", "gives token id 100, but the model"),
+        (models.BPE({"a": 0, "b": 1}, []), "zzz", "the text encodes to no tokens"),
+    ):
+        Tokenizer(model).save(str(tiny_ckpt / "tokenizer.json"))
+        prompt.write_text(text)
+        r = run("generate.py", "--ckpt", tiny_ckpt, "--prompt", prompt)
+        assert_clean_error(r, words, tmp_path)
+
+
+def test_a_full_disk_on_stdout_is_one_line(sp_ckpt, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the cat sat on the mat")
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(
+            [sys.executable, ROOT / "generate.py", "--ckpt", sp_ckpt, "--prompt", prompt],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert_clean_error(r, "No space left on device", tmp_path)
+
+
+@pytest.mark.parametrize("after", [0.3, 2.0])
+def test_ctrl_c_is_one_line_even_during_imports(after, tmp_path):
+    """SIGINT while the modules load (the first second) or while a conversion runs."""
+    gguf = next(weights.CACHE.glob("*.gguf"), None)
+    if gguf is None:
+        pytest.skip("the default GGUF is not downloaded")
+    p = subprocess.Popen(
+        [sys.executable, ROOT / "weights.py", "convert-gguf", gguf, "--out", tmp_path / "out"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(after)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.rstrip().split("\n")[-1] == "interrupted", err
+    assert "Traceback" not in err and sorted(os.listdir(tmp_path)) == []
 
 
 def test_conversion_never_overwrites_without_force(tmp_path):
@@ -354,6 +432,14 @@ def test_conversion_never_overwrites_without_force(tmp_path):
     assert_clean_error(
         run("weights.py", "convert-gguf", tmp_path / "x.gguf", "--out", out), "not found", tmp_path
     )
+    # --force replaces only a converted checkpoint: never a folder of the user's, nor the GGUF's
+    (out / "model.gguf").write_bytes(b"GGUF")
+    for args in (["smollm2"], ["convert-gguf", out / "model.gguf"]):
+        r = run("weights.py", *args, "--out", out, "--force")
+        assert_clean_error(r, "holds files no conversion wrote", tmp_path)
+    r = run("weights.py", "convert-gguf", out / "model.gguf", "--out", out / "notes.txt" / "x")
+    assert_clean_error(r, "is a file, not a folder", tmp_path)
+    assert sorted(os.listdir(out)) == ["model.gguf", "notes.txt"]
     assert (out / "notes.txt").read_text() == "precious"
 
 
@@ -366,3 +452,11 @@ def test_bad_gguf_file(tmp_path):
         tmp_path,
     )
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["bad.gguf"]
+
+
+@pytest.mark.parametrize("key", ["head_count", "token_list", "embedding_length"])
+def test_a_gguf_lacking_a_required_key(key, tmp_path):
+    path, _ = write_tiny_gguf(tmp_path / "tiny.gguf", without=(key,))
+    r = run("weights.py", "convert-gguf", path, "--out", tmp_path / "out")
+    assert_clean_error(r, "lacks the required key", tmp_path)
+    assert not (tmp_path / "out").exists()

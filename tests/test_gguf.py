@@ -50,27 +50,32 @@ def gguf_name(hf):
     return f"blk.{layer}.{GGUF_NAMES['.'.join(mid)]}.{last}"
 
 
-@pytest.fixture
-def tiny_gguf(tmp_path):
+def write_tiny_gguf(path, without=()):
+    """A tiny Llama GGUF as llama.cpp writes one (F32 tensors); `without`: metadata to leave out."""
     cfg = tiny_config(num_attention_heads=4, num_key_value_heads=2)
     hf = random_weights(cfg, seed=3)
-    w = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_dimension_count(cfg["head_dim"])
-    w.add_rope_freq_base(cfg["rope_theta"])
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(TOKENS)
-    w.add_token_types([1] * 29 + [3] * 35)
-    w.add_token_merges(["a b", "ab c"])
-    w.add_bos_token_id(29)
-    w.add_eos_token_id(30)
+    w = gguf.GGUFWriter(str(path), "llama")
+    metadata = {
+        "block_count": cfg["num_hidden_layers"],
+        "context_length": cfg["max_position_embeddings"],
+        "embedding_length": cfg["hidden_size"],
+        "feed_forward_length": cfg["intermediate_size"],
+        "head_count": cfg["num_attention_heads"],
+        "head_count_kv": cfg["num_key_value_heads"],
+        "rope_dimension_count": cfg["head_dim"],
+        "rope_freq_base": cfg["rope_theta"],
+        "layer_norm_rms_eps": 1e-6,
+        "tokenizer_model": "gpt2",
+        "tokenizer_pre": "default",
+        "token_list": TOKENS,
+        "token_types": [1] * 29 + [3] * 35,
+        "token_merges": ["a b", "ab c"],
+        "bos_token_id": 29,
+        "eos_token_id": 30,
+    }
+    for key, value in metadata.items():
+        if key not in without:
+            getattr(w, "add_" + key)(value)
     for name, t in hf.items():
         if name.endswith("q_proj.weight"):
             t = llama_cpp_permute(t, cfg["num_attention_heads"])
@@ -81,7 +86,12 @@ def tiny_gguf(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return tmp_path / "tiny.gguf", hf
+    return path, hf
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    return write_tiny_gguf(tmp_path / "tiny.gguf")
 
 
 def test_convert_gguf_round_trip(tiny_gguf, tmp_path):

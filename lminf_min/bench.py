@@ -302,7 +302,7 @@ def stream(ckpt, tokens, chunk, json_out, device, dtype):
             ids = torch.randint(0, cfg.vocab_size, (min(chunk, tokens - a),), generator=g).to(
                 device
             )
-            model.forward(w, cfg, ids, cache, lam, last_only=True, backend=backend)
+            model.forward(w, cfg, ids, lam, cache, last_only=True, backend=backend)
         n = min(start + step, tokens) - start
         rows.append(
             {
@@ -434,19 +434,21 @@ def main(argv=None):
         prompt_tokens=dict(type=int, default=16384, help="prompt length in tokens"),
         new_tokens=dict(type=int, default=64, help="greedy tokens generated after it"),
     )
+    attention_cmd = cli.subcommand(sub, "attention", "one layer: both Λ backends vs SDPA, random")
     cli.add_flags(
-        cli.subcommand(sub, "attention", "one layer: both Λ backends vs SDPA causal, random data"),
+        attention_cmd,
         *out,
+        "--n-global",
+        "--n-local",
         lengths=dict(type=lengths_arg, default=[4096, 16384], help="sequence lengths"),
         heads=dict(
             type=lengths_arg,
             default=[9, 3, 64],
             help="query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)",
         ),
-        n_global=dict(type=int, default=10, help="G: starting tokens"),
-        n_local=dict(type=int, default=8192, help="L: the window, and d_max"),
         profile=dict(action="store_true", help="then print torch.profiler's table for one call"),
     )
+    attention_cmd.set_defaults(n_local=8192)  # no model here: L, and d_max = L
     cli.add_flags(
         cli.subcommand(sub, "prefill", "prompt tokens/s: our prefill vs transformers"),
         "--ckpt",
@@ -458,11 +460,11 @@ def main(argv=None):
         cli.subcommand(sub, "decode", "ms/token after a long context vs transformers"),
         "--ckpt",
         *out,
+        "--n-local",
         contexts=dict(type=lengths_arg, default=[4096, 32768], help="context lengths"),
         tokens=dict(
             type=int, default=8, help="decode steps timed per context (the fastest counts)"
         ),
-        n_local=dict(type=int, help="L of our cache (Llama-2's: 4096; default: training length)"),
     )
     cli.add_flags(
         cli.subcommand(sub, "stream", "tokens/s and memory of a random stream, bounded cache"),

@@ -22,9 +22,13 @@ FLAGS = {  # flag -> argparse keywords, for every command that takes it
     "--ckpt": dict(help="checkpoint directory (default: SmolLM2-135M-Instruct, fetched once)"),
     "--device": dict(default="auto", choices=DEVICES, help="auto = cuda if available"),
     "--dtype": dict(default="float32", choices=DTYPES, help="weights and activations"),
-    "--n-global": dict(type=int, default=10, help="G: starting tokens every token sees"),
-    "--n-local": dict(type=int, help="L: window of recent tokens (default: the training length)"),
-    "--d-max": dict(type=int, help="D: largest distance ever scored, >= L - 1 (default: L)"),
+    "--n-global": dict(type=int, default=10, help="G: starting tokens every later token sees"),
+    "--n-local": dict(
+        type=int,
+        help="L: window of recent tokens, the query included (unset: the "
+        "length the model was trained on)",
+    ),
+    "--d-max": dict(type=int, help="D: largest distance ever scored, >= L - 1 (unset: L)"),
     "--json": dict(dest="json_out", help="write the result as JSON here"),
 }
 MODEL = ("--ckpt", "--device", "--dtype")  # the flags load_model takes
@@ -41,7 +45,8 @@ def subcommand(sub, name, what):
 
 
 def add_flags(parser, *common, **own):
-    """The common flags named (FLAGS), then the command's own: name=dict(argparse keywords)."""
+    """The common flags named (FLAGS), then the command's own: name=dict(argparse keywords); a
+    command that needs another default for a common flag sets it with parser.set_defaults."""
     for flag in common:
         parser.add_argument(flag, **FLAGS[flag])
     for name, keywords in own.items():
@@ -94,12 +99,13 @@ def run(main):
         except BrokenPipeError:  # the output was piped into e.g. `head`, which stopped reading
             sys.stderr.close()
             sys.exit(0)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        except OSError as e:  # a full disk, a read-only folder, ... (stdout included)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS):
                 raise
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # drop what is left
+            where = e.filename or "the output"
             print(
-                f"error: cannot write the output ({e.strerror}); free space or write elsewhere",
+                f"error: cannot write {where} ({e.strerror}); free space or write elsewhere",
                 file=sys.stderr,
             )
             sys.exit(2)
@@ -201,8 +207,10 @@ def writable(path, *reads):
             "or pick another path"
         )
     taken = [Path(r).resolve() for r in reads if r]
-    if out.is_dir() or out in taken or (out.exists() and out.parent in taken):
-        raise UserError(f"cannot write {path}: it is a folder or a file of this run; pick another")
+    if out.exists() and not out.is_file() or out in taken or (out.exists() and out.parent in taken):
+        raise UserError(
+            f"cannot write {path}: it is a folder, a device or a file of this run; pick another"
+        )
 
 
 def write_json(path, data):

@@ -81,6 +81,11 @@ class LlamaConfig:
                 continue
             kwargs[f.name] = _checked(f.name, d[f.name], f.type)
         cfg = cls(**kwargs)
+        if cfg.num_hidden_layers > 10_000:  # its tensor names are listed before any file is read
+            raise UserError(
+                f"config.json: num_hidden_layers={cfg.num_hidden_layers}, more than any Llama has "
+                "(10,000 at most here); fix config.json"
+            )
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise UserError(
                 f"config.json: num_attention_heads={cfg.num_attention_heads} is not a multiple of "

@@ -41,7 +41,7 @@ def stream_nll(weights, cfg, chunks, lam, backend=None):
     for chunk in chunks:
         # (T, C)
         hidden = model.forward(
-            weights, cfg, chunk, cache, lam=lam, hidden_only=True, backend=backend
+            weights, cfg, chunk, cache=cache, lam=lam, hidden_only=True, backend=backend
         )
         logp = torch.log_softmax(model.lm_head(weights, cfg, hidden), dim=-1)  # (T, V) float32
         # finite log-probabilities <=> finite logits: a finished run had no inf/NaN

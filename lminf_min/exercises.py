@@ -219,13 +219,8 @@ def main(argv=None):
         help="the text to score (default: ../shared/data/botchan.txt beside the repository)",
     )
     p.add_argument("--tokens", type=int, default=256, help="tokens of the text to score")
-    p.add_argument("--n-global", type=int, default=4, help="G: starting tokens")
-    p.add_argument(
-        "--n-local",
-        type=int,
-        default=32,
-        help="L: the window (and d_max), small so that a short text leaves it",
-    )
+    cli.add_flags(p, "--n-global", "--n-local")
+    p.set_defaults(n_global=4, n_local=32)  # a small window (and d_max): a short text leaves it
     p.add_argument(
         "--answers",
         default=None,

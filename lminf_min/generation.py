@@ -29,12 +29,12 @@ def prefill(weights, cfg, tokens, cache, lam=None, backend=None):
     for chunk in tqdm(
         chunks, desc="prefill", unit="chunk", disable=len(chunks) < 4, file=sys.stderr
     ):
-        logits = model.forward(weights, cfg, chunk, cache, lam, last_only=True, backend=backend)
+        logits = model.forward(weights, cfg, chunk, lam, cache, last_only=True, backend=backend)
     return logits[-1]
 
 
 def decode_one_token(weights, cfg, token, cache, lam=None, backend=None):
     """Logits (V,) after one more token."""
     return model.forward(
-        weights, cfg, token.view(1), cache, lam, last_only=True, decoding=True, backend=backend
+        weights, cfg, token.view(1), lam, cache, last_only=True, decoding=True, backend=backend
     )[-1]

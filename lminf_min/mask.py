@@ -91,12 +91,6 @@ if __name__ == "__main__":
 
     parser = cli.parser(__doc__)
     parser.add_argument("--length", type=int, default=24, help="sequence length T")
-    parser.add_argument(
-        "--n-global", type=int, default=3, help="G: starting tokens every later token sees"
-    )
-    parser.add_argument(
-        "--n-local", type=int, default=6, help="L: window of recent tokens, the query included"
-    )
-    parser.add_argument("--d-max", type=int, help="largest distance ever scored (default: L)")
-    parser.add_argument("--png", help="also draw the mask into this PNG file")
+    cli.add_flags(parser, *cli.LAMBDA, png=dict(help="also draw the mask into this PNG file"))
+    parser.set_defaults(n_global=3, n_local=6)
     cli.run(lambda: main(**cli.parse(parser)))()

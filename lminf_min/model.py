@@ -42,8 +42,9 @@ def rope(x, angles):
 
 
 def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, middle=False, backend=None):
-    """Attention of T queries over S keys. q: (H, T, hd), k, v: (H_kv, S, hd), rotated at their
-    positions; q_pos (T,) and k_pos (S,) are those positions (absolute, int64).
+    """Attention of T queries over S keys: reference.attention's first five arguments, but q and k
+    come rotated at their positions and k, v with H_kv heads. q: (H, T, hd), k, v: (H_kv, S, hd);
+    q_pos (T,) and k_pos (S,) are those positions (absolute, int64).
 
     Without lam: causal attention through SDPA over keys that must be positions 0..S-1 in order (as
     every cache here returns them while no query is past the first window), whose enable_gqa shares
@@ -319,8 +320,8 @@ def forward(
     weights,
     cfg: LlamaConfig,
     tokens,
-    cache=None,
     lam: LambdaConfig | None = None,
+    cache=None,
     last_only=False,
     hidden_only=False,
     decoding=False,
@@ -328,9 +329,10 @@ def forward(
     backend=None,
 ):
     """Logits (T, V) for token ids (T,), which follow the cache's positions if a cache is given.
+    The first four arguments are reference.forward's; the rest add what generation needs.
 
-    cache: a caches.KVCache or caches.LambdaCache, or None for a sequence on its own.
     lam: Λ attention (LM-Infinite) instead of full causal attention (a LambdaCache needs it).
+    cache: a caches.KVCache or caches.LambdaCache, or None for a sequence on its own.
     last_only: logits of the last token only, (1, V), which is all generation needs (skips most of
     the LM head).
     hidden_only: the final normalised hidden states (T, C) instead; lm_head() turns any slice of

@@ -87,7 +87,7 @@ def attention(
     q, k, v, theta, lam=None, top_k_rows=(), mask=lambda_mask, distance=effective_distance
 ):
     """(H, T, hd): each query's probability-weighted sum of values. q, k, v: (H, T, hd), q and k not
-    rotated."""
+    rotated (each pair is rotated by its own distance): model.attention's first five arguments."""
     return attention_weights(q, k, theta, lam, top_k_rows, mask, distance) @ v
 
 

@@ -103,7 +103,7 @@ def test_compiled_flex_through_the_model_and_the_bounded_cache(compiled):
     whole = model.forward(w, config, tokens, lam=lam, backend=compiled)
     cache = caches.LambdaCache(config.num_hidden_layers, lam, config.rope_theta)
     steps = [tokens[:20]] + [tokens[a : a + 1] for a in range(20, 26)]
-    chunked = torch.cat([model.forward(w, config, t, cache, lam, backend=compiled) for t in steps])
+    chunked = torch.cat([model.forward(w, config, t, lam, cache, backend=compiled) for t in steps])
     for name, got in (("whole", whole), ("chunked + decode", chunked)):
         diff = np.abs(got.numpy() - expected).max()
         assert diff <= 1e-5, f"max abs diff {diff:.3g} ({name})"

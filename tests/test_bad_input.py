@@ -154,6 +154,7 @@ CASES = {  # name -> (how to break the tiny checkpoint, words the message must c
         "not a file in",
     ),
     "a stale second safetensors file": (stale_copy, "in another *.safetensors file"),
+    "ten to the ninth layers": (rewrite_config(num_hidden_layers=10**9), "more than any Llama"),
     "NaN weights": (
         rewrite_tensors(lambda t: t["model.norm.weight"].__setitem__(0, np.nan)),
         "NaN or infinite",
@@ -344,6 +345,7 @@ def test_full_cache_larger_than_memory(sp_ckpt, tmp_path):
             "file",
         ),
         (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "UNDER"], "is a file"),
+        (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "/dev/full"], "a device"),
         (["plot", "CONFIG", "--out", "OUT"], "is not a result of `eval ppl --json`"),
         (["passkey", "--lengths", str(10**14)], "full attention's cache for 100000000000000"),
         (["stream", "--text", "PROMPT", "--tokens", str(10**20)], "at most 10^15"),

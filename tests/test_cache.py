@@ -44,7 +44,7 @@ def test_chunked_prefill_and_decode_equal_one_pass(G, L, extra, T, chunks, seed,
             break
         got.append(
             model.forward(
-                w, config, tokens[a : a + size], cache, lam, backend=BACKENDS[name]
+                w, config, tokens[a : a + size], lam, cache, backend=BACKENDS[name]
             ).float()
         )
         a = min(a + size, T)
@@ -69,12 +69,12 @@ def test_translation_far_into_the_stream():
     logits = []
     for offset in (10**4, 10**8):
         cache = caches.LambdaCache(config.num_hidden_layers, lam, config.rope_theta)
-        model.forward(w, config, starting, cache, lam)
+        model.forward(w, config, starting, lam, cache)
         cache.length = (
             offset  # jump: positions 3..offset-1 passed long ago and have left the window
         )
-        model.forward(w, config, window[:-1], cache, lam)
-        logits.append(model.forward(w, config, window[-1:], cache, lam))
+        model.forward(w, config, window[:-1], lam, cache)
+        logits.append(model.forward(w, config, window[-1:], lam, cache))
     assert cache.origin > 0  # the far stream really moved its origin
     diff = (logits[0] - logits[1]).abs().max()
     assert diff <= 1e-4, f"max abs diff {diff:.3g}"
@@ -87,7 +87,7 @@ def test_cache_memory_is_constant():
     tokens = torch.randint(0, config.vocab_size, (300,), generator=torch.Generator().manual_seed(0))
     sizes = []
     for t in tokens:
-        model.forward(w, config, t.view(1), cache, lam)
+        model.forward(w, config, t.view(1), lam, cache)
         sizes.append(cache.nbytes())
     assert (
         sizes[9]
@@ -118,9 +118,9 @@ def test_top_k_middle_decode_matches_definition(G, L, K, from_layer, distance, p
     expected = reference.forward(w_np, config, tokens.numpy(), lam, decoding_from=prompt)
     cache = caches.new_cache(config, lam)
     assert isinstance(cache, caches.KVCache)  # top-k may pick any key: nothing is evicted
-    got = [model.forward(w, config, tokens[:prompt], cache, lam)]
+    got = [model.forward(w, config, tokens[:prompt], lam, cache)]
     got += [
-        model.forward(w, config, tokens[t : t + 1], cache, lam, decoding=True)
+        model.forward(w, config, tokens[t : t + 1], lam, cache, decoding=True)
         for t in range(prompt, prompt + new)
     ]
     diff = np.abs(torch.cat(got).numpy() - expected).max()

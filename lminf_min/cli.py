@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import re
 import resource
 import signal
 import sys
@@ -67,7 +68,8 @@ def parse(parser, argv=None):
         for value in values if isinstance(values, list) else [values]:
             if name == "seed" and not 0 <= value < 2**64:
                 raise UserError(f"{flag} is {value}; it must be a whole number from 0 to 2^64 - 1")
-            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST:
+            big = isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST
+            if big and name != "seed":
                 raise UserError(f"{flag} is {value}; it must be at most 10^15")
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"{flag} is {value}; it must be a finite number")
@@ -79,7 +81,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     happens."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None:
+            return action.help
+        # a command that gave a common flag a default: what "unset" means no longer applies
+        return re.sub(r" \(unset: [^)]*\)", "", super()._get_help_string(action))
 
 
 def run(main):
@@ -87,7 +92,9 @@ def run(main):
     exit code 2, a Ctrl-C in "interrupted" and 130, never a traceback."""
 
     def run(*args, **kwargs):
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt
+        ours = signal.getsignal(signal.SIGINT) is interrupted  # not when Ctrl-C is ignored
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt
         try:
             return main(*args, **kwargs)
         except UserError as e:
@@ -100,17 +107,26 @@ def run(main):
             sys.stderr.close()
             sys.exit(0)
         except OSError as e:  # a full disk, a read-only folder, ... (stdout included)
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS):
+            if e.errno not in (
+                errno.ENOSPC,
+                errno.EDQUOT,
+                errno.EFBIG,
+                errno.EIO,
+                errno.EROFS,
+                errno.EACCES,
+            ):
                 raise
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # drop what is left
             where = e.filename or "the output"
             print(
-                f"error: cannot write {where} ({e.strerror}); free space or write elsewhere",
+                f"error: cannot use {where} ({e.strerror}); check the disk and its permissions, "
+                "or write elsewhere",
                 file=sys.stderr,
             )
             sys.exit(2)
         finally:  # as during the imports: a Ctrl-C while Python shuts down
-            signal.signal(signal.SIGINT, interrupted)
+            if ours:
+                signal.signal(signal.SIGINT, interrupted)
 
     return run
 

@@ -57,6 +57,8 @@ def entropy(logits):
 
 def read(ckpt, text, tokens, device, dtype, least):
     """(config, weights, token ids (T,) on the device) of the first `tokens` tokens of the text."""
+    if tokens < least:
+        raise UserError(f"--tokens is {tokens}; this diagnosis needs at least {least}")
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(text))[:tokens]
     if len(ids) < least:
@@ -154,7 +156,7 @@ def plot_entropy(axes, result):
     )
     axes[1].axhline(0, color="k", lw=0.5)
     for ax in axes:
-        ax.axvline(result["window"], color="gray", ls=":", lw=1, label="L, the training length")
+        ax.axvline(result["window"], color="gray", ls=":", lw=1, label=f"L = {result['window']}")
         ax.set(xlabel="query position (bucket centre)")
     queries = len(result["queries"][-1])
     axes[0].set(
@@ -215,7 +217,7 @@ def plot_logits(ax, result):
     for (run, best), color in zip(result["largest_logit"].items(), ("#d1492e", "#3b75af")):
         pts = [(c, x) for c, x in zip(centre, best) if x is not None]
         ax.plot(*zip(*pts), marker="o", ms=3, color=color, label=run)
-    ax.axvline(result["window"], color="gray", ls=":", lw=1, label="L (training length)")
+    ax.axvline(result["window"], color="gray", ls=":", lw=1, label=f"L = {result['window']}")
     ax.set(
         xscale="log",
         xlabel="relative distance i - j (log scale)",
@@ -236,11 +238,12 @@ def pca_cmd(
     if (
         not 0 <= layer < cfg.num_hidden_layers
         or len(ids) <= lam.n_local
-        or lam.n_global >= lam.n_local
+        or not 1 <= lam.n_global <= lam.n_local - 3
+        or points < 1
     ):
         raise UserError(
-            f"pca needs --layer in 0..{cfg.num_hidden_layers - 1}, G < L and a text longer than "
-            f"L = {lam.n_local} tokens (it has {len(ids)}); pass a longer text or a smaller L"
+            f"pca needs --layer in 0..{cfg.num_hidden_layers - 1}, 1 <= G <= L - 3, --points >= 1 "
+            f"and a text longer than L = {lam.n_local} tokens (it has {len(ids)}); change those"
         )
     runs = {
         "vanilla": None,

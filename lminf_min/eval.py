@@ -325,11 +325,12 @@ def passkey(
         raise UserError("--samples, --depths and --top-k-middle must be at least 1")
     cli.writable(json_out)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    need = 2 * max(lengths) * caches.kv_bytes_per_token(cfg, w["model.norm.weight"].element_size())
+    # three full caches at once (vanilla's, LM-Infinite's, top-k's), each up to twice its length
+    need = 6 * max(lengths) * caches.kv_bytes_per_token(cfg, w["model.norm.weight"].element_size())
     free = cli.available_memory() if device == "cpu" else torch.cuda.mem_get_info()[0]
     if free is not None and need > free:
         raise UserError(
-            f"--lengths: full attention's cache for {max(lengths)} tokens needs "
+            f"--lengths: the full caches for {max(lengths)} tokens need "
             f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB available; use shorter "
             "lengths"
         )

@@ -121,6 +121,17 @@ RUNS = {
 }
 
 
+# name -> what the picture beside yours shows (the answer where lminf_min.mask can draw it, else
+# the run to compare with) and its settings
+PICTURES = {
+    "window_mask": lambda G, L: ("the answer: the window alone", window(0, L)),
+    "lambda_mask": lambda G, L: ("the answer: the Λ mask", window(G, L)),
+    "streaming_distance": lambda G, L: ("to compare: LM-Infinite's distances", window(G, L)),
+    "dilated_mask": lambda G, L: (f"to compare: a plain window of {L // 2}", window(G, L // 2)),
+    "capped_distance": lambda G, L: (f"the answer: capped at {L // 4}", LambdaConfig(G, L, L // 4)),
+}
+
+
 def table(distances):
     """A (T, T) array of distances as a function of positions (i, j, lam), the form
     reference.forward takes."""
@@ -297,19 +308,20 @@ def main(argv=None):
     print(f"  {yours:8.2f}  {label.format(G=G, L=L, half=L // 2, quarter=L // 4)}")
     for run, ppl in theirs.items():
         print(f"  {ppl:8.2f}  {run}")
-    if a.png:
-        i, j, lam = np.arange(T)[:, None], np.arange(T)[None, :], window(G, L)
+    if a.png:  # the first 64 positions of yours, beside the answer (or what to compare with)
+        n = min(len(ids), 64)
+        i, j, lam = np.arange(n)[:, None], np.arange(n)[None, :], window(G, L)
+        title, ref = PICTURES[a.exercise](G, L)
         if what == "mask":
-            pictures = change(i, j, lam), definition.lambda_mask(i, j, next(iter(runs.values())))
-        else:
+            pictures = change(i, j, lam), definition.lambda_mask(i, j, ref)
+        else:  # distances where the Λ mask lets a pair through
             visible = definition.lambda_mask(i, j, lam)
             pictures = (
                 change(i, j, lam) * visible,
-                definition.effective_distance(i, j, lam) * visible,
+                definition.effective_distance(i, j, ref) * visible,
             )
-        G_ref, L_ref = next(iter(runs.values())).n_global, next(iter(runs.values())).n_local
-        names = (f"yours: {a.exercise}", f"reference: the Λ mask, G={G_ref}, L={L_ref}")
-        draw(a.png, *zip(names, map(np.asarray, pictures)), min(T, 64))
+        names = (f"yours: {a.exercise}", f"{title} (G={ref.n_global}, L={ref.n_local})")
+        draw(a.png, *zip(names, map(np.asarray, pictures)), n)
 
 
 def count(m, T, G, L, png):
@@ -320,10 +332,13 @@ def count(m, T, G, L, png):
         f"{T} queries, G={G}, L={L}: your m(i) sums to {pairs} (query, key) pairs, against {full} "
         f"for full attention: {pairs / full:.4f} of the work"
     )
-    if png:
-        i = np.arange(T)
+    if png:  # the first 256 queries: the keys in each row of the Λ mask beside your count
+        i = np.arange(min(T, 256))
         reference = definition.lambda_mask(i[:, None], i[None, :], window(G, L)).sum(1)
-        draw(png, ("yours: keys_seen", m), ("reference: rows of the Λ mask", reference), T)
+        yours = np.broadcast_to(m, (T,))[: len(i)]
+        draw(
+            png, ("yours: keys_seen", yours), ("the answer: rows of the Λ mask", reference), len(i)
+        )
 
 
 if __name__ == "__main__":

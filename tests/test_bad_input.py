@@ -347,7 +347,7 @@ def test_full_cache_larger_than_memory(sp_ckpt, tmp_path):
         (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "UNDER"], "is a file"),
         (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "/dev/full"], "a device"),
         (["plot", "CONFIG", "--out", "OUT"], "is not a result of `eval ppl --json`"),
-        (["passkey", "--lengths", str(10**14)], "full attention's cache for 100000000000000"),
+        (["passkey", "--lengths", str(10**14)], "the full caches for 100000000000000"),
         (["stream", "--text", "PROMPT", "--tokens", str(10**20)], "at most 10^15"),
     ],
 )
@@ -366,7 +366,8 @@ def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
     "module, args, words",
     [
         ("lminf_min.bench", ["attention", "--heads", "9,4,64"], "query heads a multiple"),
-        ("lminf_min.diagnose", ["logits", "--text", "PROMPT", "--tokens", "0"], "holds only 0"),
+        ("lminf_min.diagnose", ["logits", "--text", "PROMPT", "--tokens", "0"], "--tokens is 0"),
+        ("lminf_min.diagnose", ["pca", "--text", "PROMPT", "--n-global", "0"], "1 <= G <= L - 3"),
         ("lminf_min.exercises", ["run", "window_mask", "--tokens", str(10**12)], "NumPy pass"),
     ],
 )

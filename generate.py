@@ -64,13 +64,10 @@ def main(
     cache = caches.new_cache(cfg, lam)
     per_token = caches.kv_bytes_per_token(cfg, weights["model.norm.weight"].element_size())
     grown = 2 * (len(ids) + max_new_tokens) * per_token  # the buffers double when full
-    free = cli.available_memory() if device == "cpu" else torch.cuda.mem_get_info()[0]
-    if isinstance(cache, caches.KVCache) and free is not None and grown > free:
-        raise UserError(
-            f"the prompt has {len(ids)} tokens: a full KV cache for them needs {grown / 2**30:.1f} "
-            f"GiB, more than the {free / 2**30:.1f} GiB available; drop --vanilla and "
-            "--top-k-middle (LM-Infinite's cache is bounded) or shorten the prompt"
-        )
+    if isinstance(cache, caches.KVCache):
+        what = f"a full KV cache for {len(ids)} prompt tokens and {max_new_tokens} new ones"
+        fix = "drop --vanilla and --top-k-middle (LM-Infinite's cache is bounded) or ask for less"
+        cli.fits(grown, device, what, fix)
     generator = torch.Generator().manual_seed(seed)
     # Λ attention: FlexAttention on CUDA, the block loop on CPU
     backend = model.pick_backend(device)
@@ -81,6 +78,8 @@ def main(
     out, printed = [], ""
     for _ in range(max_new_tokens):
         # padding rows past the vocabulary never win
+        if not torch.isfinite(logits).all():
+            raise UserError(f"inf or NaN logits after {len(out)} tokens; try --dtype float32")
         next_id = sample(logits[: tok.vocab_size], temperature, generator)
         if next_id == cfg.eos_token_id:
             break

@@ -85,7 +85,7 @@ def read_config(ckpt: Path) -> LlamaConfig:
         d = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}); make it a readable file") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(
             f"{path} is not valid JSON ({e}); fix it or re-convert the checkpoint"
         ) from None
@@ -100,7 +100,14 @@ def safetensors_files(ckpt: Path):
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            UnicodeDecodeError,
+            RecursionError,
+        ):
             raise UserError(
                 f"{index} is not a valid shard index (needs a 'weight_map' object); fix or delete "
                 "it"

@@ -102,12 +102,15 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
         if device == "auto"
         else device
     )
-    if len(heads) != 3 or min(heads) < 1 or heads[0] % heads[1] or min(lengths) < 1:
+    if len(heads) != 3 or min(heads) < 1 or heads[0] % heads[1] or heads[2] % 2:
         raise UserError(
-            f"--heads {heads}, --lengths {lengths}: give three positive numbers, query heads a "
-            "multiple of key/value heads (e.g. 9,3,64), and positive lengths"
+            f"--heads {heads}: give three positive numbers, query heads a multiple of key/value "
+            "heads, an even head dim (e.g. 9,3,64)"
         )
     H, H_kv, hd = heads
+    # q, k, v and SDPA's output, float32 at most, with room for the backends' temporaries
+    need = 8 * max(lengths) * (2 * H + 2 * H_kv) * hd * 4
+    cli.fits(need, device, f"--lengths {max(lengths)}: one layer's inputs", "use shorter lengths")
     lam, rows, flex = LambdaConfig(n_global, n_local, n_local), [], model.Flex()
     for T in lengths:
         g = torch.Generator(device=device).manual_seed(0)
@@ -152,7 +155,7 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
 def prefill_cmd(ckpt, text, lengths, json_out, device, dtype):
     """Prompt tokens/s: generate.py's prefill (LM-Infinite, bounded cache) against one transformers
     forward pass."""
-    cli.writable(json_out, text)
+    cli.writable(json_out, text, ckpt)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(text))
     if len(ids) < max(lengths):
@@ -232,7 +235,7 @@ def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
     transformers (full cache)."""
     from transformers import DynamicCache
 
-    cli.writable(json_out)
+    cli.writable(json_out, ckpt)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     hf = hf_model(ckpt, device, dtype)
     lam = LambdaConfig.for_model(cfg, n_local=n_local)
@@ -290,7 +293,7 @@ def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
 def stream(ckpt, tokens, chunk, json_out, device, dtype):
     """Random tokens through LM-Infinite's bounded cache in chunks: tokens/s and peak memory per
     tenth of the stream."""
-    cli.writable(json_out)
+    cli.writable(json_out, ckpt)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     lam, rows, g = LambdaConfig.for_model(cfg), [], torch.Generator().manual_seed(0)
     cache = caches.new_cache(cfg, lam)
@@ -355,7 +358,7 @@ def transformers_generate(ckpt, ids, new_tokens, dtype):
 def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
     if prompt_tokens < 1 or new_tokens < 1:
         raise UserError("--prompt-tokens and --new-tokens must be at least 1")
-    cli.writable(json_out, text)
+    cli.writable(json_out, text, ckpt)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(text))[:prompt_tokens]
     if len(ids) < prompt_tokens:
@@ -422,6 +425,15 @@ def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
         )
 
 
+def checked(args):
+    """The sub-command's arguments, every count and length at least 1 (one line if not)."""
+    for name in ("lengths", "contexts", "tokens", "chunk", "prompt_tokens", "new_tokens"):
+        values = args.get(name, [1])
+        if min(values if isinstance(values, list) else [values]) < 1:
+            raise UserError(f"--{name.replace('_', '-')} is {values}; give numbers of at least 1")
+    return args
+
+
 def main(argv=None):
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -473,7 +485,7 @@ def main(argv=None):
         tokens=dict(type=int, default=100000, help="stream length"),
         chunk=dict(type=int, default=1024, help="tokens per forward pass"),
     )
-    args = cli.parse(parser, argv)
+    args = checked(cli.parse(parser, argv))
     commands = {
         "generate": generate,
         "attention": attention,

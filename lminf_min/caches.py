@@ -7,8 +7,8 @@ layer.
 
 import torch
 
-from .cli import available_memory
-from .config import LambdaConfig, LlamaConfig, UserError
+from .cli import fits
+from .config import LambdaConfig, LlamaConfig
 from .mask import lambda_mask
 from .model import rope, rope_angles
 
@@ -163,12 +163,8 @@ def new_cache(cfg: LlamaConfig, lam: LambdaConfig | None = None):
     if lam is None or lam.top_k:
         return KVCache(cfg.num_hidden_layers)
     slots = lam.n_global + lam.n_local
-    need, free = slots * kv_bytes_per_token(cfg, 4), available_memory()  # float32 at most
-    if free is not None and need > free:
-        raise UserError(
-            f"a bounded cache of G + L = {slots} positions needs {need / 2**30:.1f} GiB, more than "
-            f"the {free / 2**30:.1f} GiB available; use a smaller --n-local or --n-global"
-        )
+    need = slots * kv_bytes_per_token(cfg, 4)  # float32 at most
+    fits(need, "cpu", f"a bounded cache of G + L = {slots} positions", "use a smaller L or G")
     return LambdaCache(cfg.num_hidden_layers, lam, cfg.rope_theta)
 
 

@@ -11,6 +11,7 @@ import re
 import resource
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -213,24 +214,43 @@ def peak_memory_mb(device):
 
 def writable(path, *reads):
     """Fail now, not after hours of work, if an output could not be written, or would replace a
-    file this run reads or writes (reads: files, or a checkpoint folder whose files it reads)."""
+    file this run reads or writes, or land in a checkpoint (reads: files, or checkpoint folders;
+    the default model's folder always counts)."""
     if not path:
         return
+    from weights import DEFAULT_OUT  # here: weights.py imports this module
+
     out = Path(path).resolve()
-    if not out.parent.is_dir():
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         raise UserError(
-            f"cannot write {path}: its folder {out.parent} does not exist or is a file; create it "
-            "or pick another path"
+            f"cannot write {path}: its folder {out.parent} does not exist, is a file or is not "
+            "writable; pick another path"
         )
-    taken = [Path(r).resolve() for r in reads if r]
-    if out.exists() and not out.is_file() or out in taken or (out.exists() and out.parent in taken):
+    taken = [Path(r).resolve() for r in (*reads, DEFAULT_OUT) if r]
+    inside = [t for t in taken if t.is_dir() and out.is_relative_to(t)]
+    if out.exists() and not out.is_file() or out in taken or inside:
         raise UserError(
-            f"cannot write {path}: it is a folder, a device or a file of this run; pick another"
+            f"cannot write {path}: it is a folder, a device, a file of this run or inside a "
+            "checkpoint; pick another"
         )
 
 
 def write_json(path, data):
-    """Write data as JSON through a temporary file renamed into place: never half a file."""
-    tmp = Path(path).with_name(Path(path).name + ".partial")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    """Write data as JSON through a temporary file of its own renamed into place: never half a
+    file, and nothing else in the folder touched."""
+    fd, tmp = tempfile.mkstemp(dir=Path(path).resolve().parent, prefix=".json-")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a result is ordinary data
     os.replace(tmp, path)
+
+
+def fits(need, device, what, fix):
+    """A clear error now, not a crash later, if `need` bytes exceed the memory the device has free
+    (what needs them, and the fix, for the message)."""
+    free = available_memory() if str(device) == "cpu" else torch.cuda.mem_get_info()[0]
+    if free is not None and need > free:
+        raise UserError(
+            f"{what} needs {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB available; "
+            + fix
+        )

@@ -96,8 +96,8 @@ def entropy_cmd(
 ):
     cli.writable(json_out, text, ckpt)
     cli.writable(png, text, ckpt, json_out)
-    if bucket < 1 or queries < 1:
-        raise UserError("--bucket and --queries must be at least 1")
+    if not 1 <= queries <= bucket:
+        raise UserError(f"--queries is {queries}; it must be from 1 to --bucket ({bucket})")
     cfg, w, ids = read(ckpt, text, tokens, device, dtype, least=bucket)
     lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
     # `queries` positions evenly spread over each whole bucket [start, start + bucket)
@@ -199,16 +199,11 @@ def logits_cmd(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, png,
         },
     }
     for run, best in result["largest_logit"].items():
-        inside = [
-            x for x, d in zip(best, result["distance_from"]) if x is not None and d < lam.n_local
+        found = [
+            (x, d < lam.n_local) for x, d in zip(best, result["distance_from"]) if x is not None
         ]
-        beyond = [
-            x for x, d in zip(best, result["distance_from"]) if x is not None and d >= lam.n_local
-        ]
-        print(
-            f"{run}: largest logit within the window {max(inside):.1f}"
-            + (f", beyond it {max(beyond):.1f}" if beyond else ", none beyond it")
-        )
+        largest = lambda inside: max([x for x, i in found if i == inside], default=None)
+        print(f"{run}: largest logit within the window {largest(True)}, beyond it {largest(False)}")
     save(result, json_out, png, plot_logits)
 
 
@@ -322,7 +317,7 @@ def save(result, json_out, png, draw, panels=1):
             if ax.get_legend() is None:  # unless draw() made its own
                 ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(png, dpi=120)
+        fig.savefig(png, dpi=120, format="png")  # the name as given
         print(f"wrote {png}")
 
 

@@ -108,18 +108,22 @@ def plot_ppl(results, title, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # the name as given
 
 
 def plot(results, out, title):
-    cli.writable(out, *results)
     runs = []
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
     for path in results:
+        if not Path(path).is_file():
+            raise UserError(f"{path} is not a file; pass JSON files written by `eval ppl --json`")
         try:
             runs.append(json.loads(Path(path).read_text(encoding="utf-8")))
-            [(b["start"], b["end"], float(b["ppl"])) for b in runs[-1]["buckets"]]
-            (runs[-1]["attention"], float(runs[-1]["ppl"]))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
+            buckets, name = runs[-1]["buckets"], runs[-1]["attention"]
+            values = [v for b in buckets for v in (b["start"], b["end"], b["ppl"])]
+            if not (buckets and isinstance(name, str) and all(map(number, values))):
+                raise TypeError
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
             raise UserError(
                 f"cannot read {path} ({e}); pass JSON files written by `eval ppl --json`"
             ) from None
@@ -127,6 +131,7 @@ def plot(results, out, title):
             raise UserError(
                 f"{path} is not a result of `eval ppl --json` (no perplexity buckets); pass one"
             ) from None
+    cli.writable(out, *results)
     plot_ppl(runs, title, out)
     print(f"wrote {out}")
 
@@ -218,6 +223,9 @@ def ppl(
         raise UserError(f"{text} holds fewer than 2 tokens; perplexity needs a longer text")
     if len(ids) < max_tokens:
         print(f"note: {text} holds only {len(ids)} tokens", file=sys.stderr)
+    if lam is None:  # full attention keeps every key: its cache grows to the text's length
+        need = 2 * len(ids) * caches.kv_bytes_per_token(cfg, w["model.norm.weight"].element_size())
+        cli.fits(need, device, f"a full KV cache for {len(ids)} tokens", "drop --vanilla")
     t0 = time.perf_counter()
     nll = token_nll(
         w, cfg, torch.tensor(ids, device=device), lam, backend=model.pick_backend(device)
@@ -323,17 +331,13 @@ def passkey(
         ) from None
     if samples < 1 or depths < 1 or top_k_middle < 1:
         raise UserError("--samples, --depths and --top-k-middle must be at least 1")
-    cli.writable(json_out)
+    cli.writable(json_out, ckpt)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     # three full caches at once (vanilla's, LM-Infinite's, top-k's), each up to twice its length
     need = 6 * max(lengths) * caches.kv_bytes_per_token(cfg, w["model.norm.weight"].element_size())
-    free = cli.available_memory() if device == "cpu" else torch.cuda.mem_get_info()[0]
-    if free is not None and need > free:
-        raise UserError(
-            f"--lengths: the full caches for {max(lengths)} tokens need "
-            f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB available; use shorter "
-            "lengths"
-        )
+    cli.fits(
+        need, device, f"--lengths: holding three full caches of {max(lengths)} tokens", "use less"
+    )
     tok = Tokenizer(ckpt, cfg.vocab_size)
     rng = torch.Generator().manual_seed(seed)
     backend = model.pick_backend(device)

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -176,8 +177,9 @@ def remembered(score, ckpt, ids, lam, flex):
     key, store = hashlib.sha256(json.dumps(what).encode()).hexdigest(), CACHE / "exercises.json"
     try:
         known = json.loads(store.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         known = {}
+    known = known if isinstance(known, dict) else {}  # a damaged cache is simply rebuilt
     if key not in known:
         known[key] = score(lam)
         store.parent.mkdir(parents=True, exist_ok=True)
@@ -207,8 +209,23 @@ def draw(path, yours, reference, n):
             fig.colorbar(image, ax=ax, shrink=0.7, label="distance scored at")
         ax.set(xlabel="key position j", ylabel="query position i", title=title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # the name as given
     print(f"wrote {path}")
+
+
+def answers(path):
+    """The module of answers in `path` (a .py file like docs/solutions.py), or a clear error."""
+    spec = importlib.util.spec_from_file_location("answers", path)
+    if spec is None:
+        raise UserError(f"--answers {path} is not a .py file; give one like docs/solutions.py")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a syntax error, a failing import, ...: the student's file
+        raise UserError(
+            f"--answers {path} does not run ({type(e).__name__}: {e}); fix it"
+        ) from None
+    return module
 
 
 def main(argv=None):
@@ -263,37 +280,30 @@ def main(argv=None):
         raise UserError(
             f"--flex runs mask exercises only; {a.exercise} is not a mask: run it without --flex"
         )
-    if a.answers:
-        spec = importlib.util.spec_from_file_location("answers", a.answers)
-        ex = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(ex)
-    else:
-        import lminf_min.exercises as ex
+    ex = answers(a.answers) if a.answers else sys.modules[__name__]
     G, L, T = a.n_global, a.n_local, a.tokens
-    try:
-        change = make(ex, T, G, L)
-        # your function, on a small grid first: NotImplementedError shows up here
+    try:  # your function, on a small grid first: NotImplementedError shows up here
+        small = make(ex, 4, G, L)
         if what == "mask":
-            change(np.arange(4)[:, None], np.arange(4)[None, :], window(G, L))
+            small(np.arange(4)[:, None], np.arange(4)[None, :], window(G, L))
     except NotImplementedError:
         raise UserError(
             f"{a.exercise} is not written yet: replace its `raise NotImplementedError` in "
             f"{ex.__file__}"
         ) from None
+    except AttributeError:
+        raise UserError(f"{ex.__file__} has no function {a.exercise}; add it") from None
     if what == "count":
-        return count(np.asarray(change), T, G, L, a.png)
+        cli.fits(32 * T, "cpu", f"--tokens {T}: counting keys", "use fewer tokens")
+        return count(np.asarray(make(ex, T, G, L)), T, G, L, a.png)
     ckpt, cfg, w, _ = cli.load_model(a.ckpt, "cpu", "float32")
     ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(a.text))[:T]
     # the NumPy pass holds every query rotated for every key: (H, T, T, hd) float64, and a copy
-    need, free = (
-        2 * cfg.num_attention_heads * len(ids) ** 2 * cfg.head_dim * 8,
-        cli.available_memory(),
-    )
-    if not a.flex and free is not None and need > free:
-        raise UserError(
-            f"--tokens {T}: the NumPy pass over {len(ids)} tokens needs {need / 2**30:.0f} GiB, "
-            f"more than the {free / 2**30:.1f} GiB available; use fewer tokens, or --flex (masks)"
-        )
+    need = 2 * cfg.num_attention_heads * len(ids) ** 2 * cfg.head_dim * 8
+    if not a.flex:
+        what_needs = f"--tokens {T}: the NumPy pass over {len(ids)} tokens"
+        cli.fits(need, "cpu", what_needs, "use fewer tokens, or --flex (masks)")
+    change = make(ex, len(ids), G, L)
     runs = beside(G, L) if a.flex else beside(G, L) | {"full attention": None}
     if a.flex:
         score = lambda lam, mask=definition.lambda_mask: flex_perplexity(cfg, w, ids, lam, mask)

@@ -73,13 +73,17 @@ def draw(T, lam, path):
         title=f"Λ mask: G={lam.n_global} starting tokens (red), window L={lam.n_local} (blue)",
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # the name as given
 
 
 def main(length, n_global, n_local, d_max, png):
     if not 1 <= length <= 200:
         raise UserError(f"--length is {length}; pick 1..200 so the picture stays readable")
     lam = LambdaConfig(n_global, n_local, n_local if d_max is None else d_max)
+    if png:
+        from .cli import writable
+
+        writable(png)
     print(render(length, lam))
     if png:
         draw(length, lam, png)

@@ -29,6 +29,7 @@ from lminf_min import cli
 from lminf_min.config import UserError
 
 CATALOGUE = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+SOLUTIONS = ROOT / "docs" / "solutions.py"
 
 
 def break_truncated(ckpt):
@@ -326,7 +327,7 @@ def test_full_cache_larger_than_memory(sp_ckpt, tmp_path):
         generate.main(**kwargs, vanilla=False)
         with pytest.raises(UserError) as e:
             generate.main(**kwargs, vanilla=True)
-    assert "a full KV cache for them needs" in str(e.value)
+    assert "a full KV cache for 351 prompt tokens and 4 new ones needs" in str(e.value)
     assert_documented("error: " + re.sub(r"[\d.]+ GiB", "N GiB", str(e.value)), tmp_path)
 
 
@@ -346,8 +347,12 @@ def test_full_cache_larger_than_memory(sp_ckpt, tmp_path):
         ),
         (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "UNDER"], "is a file"),
         (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "/dev/full"], "a device"),
+        (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "CKPT/x.json"], "checkpoint"),
+        (["passkey", "--lengths", "300", "--json", "CONFIG"], "a file of this run"),
+        (["plot", "TMP", "--out", "OUT"], "is not a file"),
+        (["plot", "BADTYPES", "--out", "OUT"], "is not a result of `eval ppl --json`"),
         (["plot", "CONFIG", "--out", "OUT"], "is not a result of `eval ppl --json`"),
-        (["passkey", "--lengths", str(10**14)], "the full caches for 100000000000000"),
+        (["passkey", "--lengths", str(10**14)], "three full caches of 100000000000000"),
         (["stream", "--text", "PROMPT", "--tokens", str(10**20)], "at most 10^15"),
     ],
 )
@@ -356,6 +361,8 @@ def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
     prompt.write_text("hello there")
     names = {"PROMPT": prompt, "OUT": tmp_path / "x.png", "TMP": tmp_path}
     names |= {"CONFIG": sp_ckpt / "config.json", "UNDER": prompt / "x.json"}
+    names |= {"CKPT/x.json": sp_ckpt / "x.json", "BADTYPES": tmp_path / "bad.json"}
+    (tmp_path / "bad.json").write_text('{"attention": "a", "ppl": 2, "buckets": [{"start": "a"}]}')
     args = [names.get(a, a) for a in args] + (["--ckpt", sp_ckpt] if args[0] != "plot" else [])
     r = run_module("lminf_min.eval", *args)
     assert_clean_error(r, words, tmp_path)
@@ -368,17 +375,27 @@ def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
         ("lminf_min.bench", ["attention", "--heads", "9,4,64"], "query heads a multiple"),
         ("lminf_min.diagnose", ["logits", "--text", "PROMPT", "--tokens", "0"], "--tokens is 0"),
         ("lminf_min.diagnose", ["pca", "--text", "PROMPT", "--n-global", "0"], "1 <= G <= L - 3"),
+        ("lminf_min.diagnose", ["entropy", "--text", "PROMPT", "--queries", "10000"], "--queries"),
+        ("lminf_min.bench", ["stream", "--chunk", "0"], "--chunk is 0"),
+        ("lminf_min.exercises", ["run", "window_mask", "--answers", "README"], "not a .py file"),
+        ("lminf_min.mask", ["--png", "NODIR"], "does not exist"),
         ("lminf_min.exercises", ["run", "window_mask", "--tokens", str(10**12)], "NumPy pass"),
     ],
 )
 def test_bad_instrument_input(module, args, words, sp_ckpt, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("the cat sat on the mat " * 10**4)
-    args = [prompt if a == "PROMPT" else a for a in args]
-    if module != "lminf_min.bench":
+    names = {
+        "PROMPT": prompt,
+        "README": tmp_path / "answers.md",
+        "NODIR": tmp_path / "no" / "m.png",
+    }
+    names["README"].write_text("def window_mask(i, j, n_local): ...")
+    args = [names.get(a, a) for a in args]
+    if module in ("lminf_min.diagnose", "lminf_min.exercises") or args[0] == "stream":
         args += ["--ckpt", sp_ckpt]
     if module == "lminf_min.exercises":
-        args += ["--answers", ROOT / "docs" / "solutions.py", "--text", prompt]
+        args += ["--text", prompt] + ([] if "--answers" in args else ["--answers", SOLUTIONS])
     assert_clean_error(run_module(module, *args), words, tmp_path)
 
 
@@ -463,3 +480,45 @@ def test_a_gguf_lacking_a_required_key(key, tmp_path):
     r = run("weights.py", "convert-gguf", path, "--out", tmp_path / "out")
     assert_clean_error(r, "lacks the required key", tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_outputs_never_touch_an_input_or_a_neighbour(sp_ckpt, tmp_path):
+    """The JSON goes through a temporary file of its own (a `.partial` beside it is someone's),
+    and a plot path without .png is written as given (not as path + .png, maybe an input)."""
+    text = tmp_path / "notes.png"  # a text that happens to be named like a picture
+    text.write_text("the cat sat on the mat " * 20)
+    partial = tmp_path / "r.json.partial"
+    partial.write_text("mine")
+    args = ["ppl", "--ckpt", sp_ckpt, "--text", text, "--max-tokens", 20]
+    r = run_module(
+        "lminf_min.eval", *args, "--json", tmp_path / "r.json", "--plot", tmp_path / "notes"
+    )
+    assert r.returncode == 0, r.stderr
+    assert partial.read_text() == "mine" and text.read_text().startswith("the cat")
+    assert (tmp_path / "notes").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "r.json").is_file()
+
+
+def test_logits_that_overflow_end_in_one_line(tiny_ckpt, tmp_path):
+    tensors = random_weights(tiny_config())
+    for name in tensors:
+        if "gate_proj" in name or "up_proj" in name:
+            tensors[name] = tensors[name] * 3000  # finite in float16, its products are not
+    save_file(tensors, str(tiny_ckpt / "model.safetensors"))
+    wordlevel_tokenizer(tiny_ckpt / "tokenizer.json", 64)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("w1 w2 w3 w4")
+    r = run("generate.py", "--ckpt", tiny_ckpt, "--prompt", prompt, "--dtype", "float16")
+    # (this CPU may add a warning that it emulates float16: then two lines)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert (
+        r.stderr.splitlines()[-1] == "error: inf or NaN logits after 0 tokens; try --dtype float32"
+    )
+    assert_documented(r.stderr.splitlines()[-1], tmp_path)
+
+
+def test_deeply_nested_json_is_one_line(tiny_ckpt, tmp_path):
+    (tiny_ckpt / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello")
+    r = run("generate.py", "--ckpt", tiny_ckpt, "--prompt", prompt)
+    assert_clean_error(r, "is not valid JSON", tmp_path)

@@ -336,16 +336,30 @@ def convert_gguf(gguf_path, out, force=False):
             f"one is {meta.get('tokenizer.ggml.model')!r}"
         )
     try:
-        config, tokenizer = (
-            gguf_config(meta, {t.name for t in reader.tensors}),
-            gguf_tokenizer(meta),
-        )
+        config = gguf_config(meta, {t.name for t in reader.tensors})
+        tokenizer, cfg = gguf_tokenizer(meta), LlamaConfig.from_dict(config)
     except KeyError as e:
         raise UserError(
             f"{gguf_path} lacks the required key {e.args[0]!r}; it is not a complete Llama GGUF"
         ) from None
-    cfg = LlamaConfig.from_dict(config)
+    except UserError:
+        raise
+    except BaseException as e:  # wrong types, zero heads, a tokenizers panic on duplicate tokens
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise UserError(
+            f"{gguf_path}: its metadata does not describe a Llama model ({type(e).__name__}: {e}); "
+            "pass a Llama GGUF as llama.cpp writes it"
+        ) from None
     tensors = {}
+    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+    for t in reader.tensors:  # before any work: Q and K rows must split into their heads
+        kind, rows = hf_name(t.name).split(".")[-2], int(t.shape[-1])
+        if kind in heads and rows != heads[kind] * cfg.head_dim:
+            raise UserError(
+                f"{gguf_path}: tensor {t.name} has {rows} rows, its metadata implies "
+                f"{heads[kind] * cfg.head_dim}; it is not a consistent Llama GGUF"
+            )
     for t in tqdm(reader.tensors, desc=f"dequantizing {gguf_path.name}", unit="tensor"):
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -358,11 +372,8 @@ def convert_gguf(gguf_path, out, force=False):
         w = np.ascontiguousarray(
             w.reshape(tuple(reversed([int(n) for n in t.shape]))), dtype=np.float32
         )
-        if name.endswith("q_proj.weight"):
-            w = unpermute(w, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute(w, cfg.num_key_value_heads)
-        tensors[name] = w
+        kind = name.split(".")[-2]
+        tensors[name] = unpermute(w, heads[kind]) if kind in heads else w
     tmp = None
     # write next to `out`, then rename: an interrupted run leaves no half-written checkpoint there
     try:

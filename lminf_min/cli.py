@@ -37,9 +37,16 @@ MODEL = ("--ckpt", "--device", "--dtype")  # the flags load_model takes
 LAMBDA = ("--n-global", "--n-local", "--d-max")  # LM-Infinite's knobs, LambdaConfig.for_model's
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a UserError: one line, like every other mistake."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def parser(doc):
     """An argument parser described by the first paragraph of a module's docstring."""
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    return Parser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
 
 
 def subcommand(sub, name, what):

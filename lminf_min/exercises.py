@@ -229,7 +229,7 @@ def answers(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="python -m lminf_min.exercises",
         description="Run an exercise's answer on the default model: perplexity of the first "
         "--tokens tokens of a text with your change, beside the runs it should be compared with "

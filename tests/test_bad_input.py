@@ -522,3 +522,23 @@ def test_deeply_nested_json_is_one_line(tiny_ckpt, tmp_path):
     prompt.write_text("hello")
     r = run("generate.py", "--ckpt", tiny_ckpt, "--prompt", prompt)
     assert_clean_error(r, "is not valid JSON", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "changed, words",
+    [
+        (dict(head_count=0), "its metadata does not describe a Llama model"),
+        (dict(head_count=2), "rows, its metadata implies"),
+        (dict(token_list=["a"] * 64), "its metadata does not describe a Llama model"),
+    ],
+)
+def test_a_gguf_with_inconsistent_metadata(changed, words, tmp_path):
+    path, _ = write_tiny_gguf(tmp_path / "tiny.gguf", **changed)
+    r = run("weights.py", "convert-gguf", path, "--out", tmp_path / "out")
+    assert_clean_error(r, words, tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_command_line_is_one_line(tmp_path):
+    for r in (run("generate.py"), run_module("lminf_min.bench", "attention", "--lengths", "4k")):
+        assert_clean_error(r, "see ", tmp_path)

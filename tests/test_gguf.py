@@ -50,8 +50,9 @@ def gguf_name(hf):
     return f"blk.{layer}.{GGUF_NAMES['.'.join(mid)]}.{last}"
 
 
-def write_tiny_gguf(path, without=()):
-    """A tiny Llama GGUF as llama.cpp writes one (F32 tensors); `without`: metadata to leave out."""
+def write_tiny_gguf(path, without=(), **changed):
+    """A tiny Llama GGUF as llama.cpp writes one (F32 tensors); `without`: metadata to leave out,
+    `changed`: metadata to write with other values."""
     cfg = tiny_config(num_attention_heads=4, num_key_value_heads=2)
     hf = random_weights(cfg, seed=3)
     w = gguf.GGUFWriter(str(path), "llama")
@@ -73,7 +74,7 @@ def write_tiny_gguf(path, without=()):
         "bos_token_id": 29,
         "eos_token_id": 30,
     }
-    for key, value in metadata.items():
+    for key, value in (metadata | changed).items():
         if key not in without:
             getattr(w, "add_" + key)(value)
     for name, t in hf.items():

@@ -43,6 +43,8 @@ def main(
             f"--temperature is {temperature}; it must be 0 (greedy) or at least 0.0001 (below "
             "that, sampling is greedy anyway)"
         )
+    if vanilla and top_k_middle:
+        raise UserError("--top-k-middle is part of LM-Infinite; drop --vanilla or --top-k-middle")
     text = cli.read_prompt(prompt)
     ckpt, cfg, weights, device = cli.load_model(ckpt, device, dtype)
     tok = Tokenizer(ckpt, cfg.vocab_size)

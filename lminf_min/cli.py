@@ -101,6 +101,8 @@ def run(main):
 
     def run(*args, **kwargs):
         ours = signal.getsignal(signal.SIGINT) is interrupted  # not when Ctrl-C is ignored
+        if sys.stdout is None:  # closed (`>&-`): what would be printed goes nowhere
+            sys.stdout = open(os.devnull, "w")
         if ours:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt
         try:

@@ -125,6 +125,11 @@ class LambdaConfig:
         """The paper's defaults: G = 10, L = D = the length the model was trained on; no top-k
         middle tokens."""
         n_local = cfg.max_position_embeddings if n_local is None else n_local
+        if top_k and top_k_from_layer >= cfg.num_hidden_layers:
+            raise UserError(
+                f"top_k_from_layer (--top-k-from-layer) is {top_k_from_layer}; the model has "
+                f"{cfg.num_hidden_layers} layers (0..{cfg.num_hidden_layers - 1})"
+            )
         return cls(
             n_global,
             n_local,

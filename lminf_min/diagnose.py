@@ -174,7 +174,7 @@ def logits_cmd(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, png,
     lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
     rows = np.linspace(len(ids) / ROWS, len(ids) - 1, ROWS).astype(int).tolist()
     # distance buckets [edges[b], edges[b + 1])
-    edges = np.unique(np.geomspace(1, tokens, 40).astype(int))
+    edges = np.unique(np.geomspace(1, len(ids), 40).astype(int))
     found = {}  # run -> largest logit per distance bucket
 
     def take(run, layer, rows, logits):

@@ -275,6 +275,8 @@ OPTIONS = [
     (["--seed", str(2**64)], "from 0 to 2^64 - 1"),
     (["--d-max", str(10**20)], "at most 10^15"),
     (["--n-local", str(10**12)], "a bounded cache of G + L = 1000000000010 positions"),
+    (["--vanilla", "--top-k-middle", "3"], "drop --vanilla or --top-k-middle"),
+    (["--top-k-middle", "2", "--top-k-from-layer", "100"], "the model has 2 layers"),
     (["--n-local", "0"], "n_local (--n-local) is 0"),
     (["--n-global", "-1"], "n_global (--n-global) is -1"),
     (["--n-local", "32", "--d-max", "10"], "d_max=10 < n_local - 1"),
@@ -542,3 +544,11 @@ def test_a_gguf_with_inconsistent_metadata(changed, words, tmp_path):
 def test_a_bad_command_line_is_one_line(tmp_path):
     for r in (run("generate.py"), run_module("lminf_min.bench", "attention", "--lengths", "4k")):
         assert_clean_error(r, "see ", tmp_path)
+
+
+def test_a_closed_stdout_is_no_traceback(sp_ckpt, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the cat sat on the mat")
+    command = f"{sys.executable} {ROOT / 'generate.py'} --ckpt {sp_ckpt} --prompt {prompt} >&-"
+    r = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "generated" in r.stderr, r.stderr

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 from conftest import run_module
-from lminf_min import diagnose, model, reference
+from lminf_min import diagnose, mask, model, reference
 from lminf_min.config import LambdaConfig, LlamaConfig
 from lminf_min.tokenizer import Tokenizer
 
@@ -175,3 +175,33 @@ def test_logits_command(sp_ckpt, words, tmp_path):
         and far
         and all(x is None for x in far)
     )
+    # each bucket's largest logit, from the NumPy reference's unrotated q and k: every visible
+    # pair (i, j) of the 48 sampled queries scored at its effective distance, as the definition has
+    ids = np.array(Tokenizer(sp_ckpt).encode(words.read_text())[:200])
+    rows = np.linspace(len(ids) / diagnose.ROWS, len(ids) - 1, diagnose.ROWS).astype(int)
+    cfg = LlamaConfig.from_dict(json.loads((sp_ckpt / "config.json").read_text()))
+    edges = np.array(lg["distance_from"] + lg["distance_to"][-1:])
+    for name, lam in (("vanilla", None), ("LM-Infinite G=2 L=24 D=24", LambdaConfig(2, 24, 24))):
+        best = np.full(len(edges) - 1, -np.inf)
+
+        def probe(layer, q, k, a):
+            hd = q.shape[-1]
+            for i in rows:
+                j = np.arange(i + 1)
+                delta = mask.effective_distance(i, j, lam)
+                q_at = reference.rope(
+                    q[:, i, None, :], reference.rope_angles(delta, hd, cfg.rope_theta)
+                )
+                s = (q_at * k[:, : i + 1]).sum(-1).max(0) / math.sqrt(hd)  # (i+1,) over heads
+                seen = mask.lambda_mask(i, j, lam)
+                b = np.searchsorted(edges, delta[seen], side="right") - 1  # -1: distance 0
+                ok = (b >= 0) & (b < len(best))
+                np.maximum.at(best, b[ok], s[seen][ok])
+
+        reference.forward(load_file(str(sp_ckpt / "model.safetensors")), cfg, ids, lam, probe=probe)
+        expected = [None if math.isinf(x) else x for x in best]
+        got = lg["largest_logit"][name]
+        assert [x is None for x in got] == [x is None for x in expected], name
+        np.testing.assert_allclose(
+            [x for x in got if x is not None], [x for x in expected if x is not None], atol=1e-3
+        )

@@ -1,6 +1,8 @@
 """GGUF conversion on a tiny Llama GGUF written here, laid out as llama.cpp's converter writes
 it."""
 
+import os
+
 import gguf
 import numpy as np
 import pytest
@@ -143,3 +145,22 @@ def test_force_replaces_only_after_success(tiny_gguf, tmp_path, monkeypatch):
     weights.convert_gguf(tiny_gguf[0], out, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tiny.gguf"]
     weights.load_checkpoint(out)
+
+
+def test_a_folder_that_appears_at_out_meanwhile_is_not_replaced(tiny_gguf, tmp_path, monkeypatch):
+    """--out was free when the conversion began; someone fills it while the weights are written:
+    the check right before the rename refuses, and their file stays."""
+    out, save = tmp_path / "ckpt", weights.save_file
+
+    def meanwhile(*args, **kwargs):
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+        save(*args, **kwargs)
+
+    monkeypatch.setattr(weights, "save_file", meanwhile)
+    with pytest.raises(UserError, match="already exists"):
+        weights.convert_gguf(tiny_gguf[0], out)
+    assert os.listdir(out) == ["theirs.txt"] and sorted(os.listdir(tmp_path)) == [
+        "ckpt",
+        "tiny.gguf",
+    ]

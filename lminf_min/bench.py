@@ -16,14 +16,11 @@ import argparse
 import platform
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 
-from lminf_min import caches, cli, model
+from lminf_min import caches, cli, generation, model
 from lminf_min.config import LambdaConfig, UserError
-from lminf_min.generation import decode_one_token, prefill
-from lminf_min.tokenizer import Tokenizer
 
 
 def clock():
@@ -46,37 +43,37 @@ def best_ms(fn, repeat=3, warm_up=True):
     return min(times)
 
 
-def report(title, rows, json_out, **meta):
-    """Print rows (dicts) as a markdown table under a title naming device, dtype and date; write
-    them as JSON."""
-    meta |= {
-        "threads": torch.get_num_threads(),
-        "date": str(date.today()),
-        "cpu": platform.processor() or platform.machine(),
-    }
+def report(title, rows, json_out, device, dtype, shown=None, **meta):
+    """Print rows (dicts), or `shown` (the rows as printed, where they differ), as a markdown table
+    under a title naming device, dtype, threads and date; write meta and rows as JSON."""
+    meta = {"device": device, "dtype": dtype, **meta, "threads": torch.get_num_threads()}
+    meta |= {"date": str(date.today()), "cpu": platform.processor() or platform.machine()}
     print(f"{title} ({', '.join(f'{k} {v}' for k, v in meta.items())})")
-    print("| " + " | ".join(rows[0]) + " |\n" + "|---" * len(rows[0]) + "|")
-    for r in rows:
-        print(
-            "| "
-            + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values())
-            + " |"
-        )
+    table = shown or rows
+    print("| " + " | ".join(table[0]) + " |\n" + "|---" * len(table[0]) + "|")
+    for row in table:
+        cells = (f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values())
+        print("| " + " | ".join(cells) + " |")
     if json_out:
         cli.write_json(json_out, meta | {"rows": rows})
 
 
 def hf_model(ckpt, device, dtype):
-    # imported here: the other sub-commands do not need it
-    from transformers import LlamaForCausalLM
+    """transformers' LlamaForCausalLM on the same checkpoint, with SDPA attention."""
+    from transformers import LlamaForCausalLM  # here: the other sub-commands do not need it
 
-    return (
-        LlamaForCausalLM.from_pretrained(
-            str(ckpt), dtype=getattr(torch, dtype), attn_implementation="sdpa"
-        )
-        .to(device)
-        .eval()
-    )
+    kind = getattr(torch, dtype)
+    hf = LlamaForCausalLM.from_pretrained(str(ckpt), dtype=kind, attn_implementation="sdpa")
+    return hf.to(device).eval()
+
+
+def load_prompt(ckpt, device, dtype, text, tokens, flag):
+    """cli.load_text's checkpoint dir, config, weights and device, and all the text's token ids on
+    that device; an error naming `flag` if there are fewer than `tokens`."""
+    ckpt, cfg, weights, device, _, ids = cli.load_text(ckpt, device, dtype, text)
+    if len(ids) < tokens:
+        raise UserError(f"{text} holds only {len(ids)} tokens; pass a longer text or lower {flag}")
+    return ckpt, cfg, weights, device, torch.tensor(ids, device=device)
 
 
 def lengths_arg(text):
@@ -95,13 +92,8 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
     FlexAttention) against SDPA with a causal mask. Flex's first call at each length compiles it
     (not timed)."""
     cli.writable(json_out)
-    device = (
-        "cuda"
-        if device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if device == "auto"
-        else device
-    )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if len(heads) != 3 or min(heads) < 1 or heads[0] % heads[1] or heads[2] % 2:
         raise UserError(
             f"--heads {heads}: give three positive numbers, query heads a multiple of key/value "
@@ -112,6 +104,7 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
     need = 8 * max(lengths) * (2 * H + 2 * H_kv) * hd * 4
     cli.fits(need, device, f"--lengths {max(lengths)}: one layer's inputs", "use shorter lengths")
     lam, rows, flex = LambdaConfig(n_global, n_local, n_local), [], model.Flex()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     for T in lengths:
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (
@@ -119,32 +112,15 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
             for h in (H, H_kv, H_kv)
         )
         pos = torch.arange(T, device=device)
-        causal = best_ms(
-            lambda: torch.nn.functional.scaled_dot_product_attention(
-                q[None], k[None], v[None], is_causal=True, enable_gqa=True
-            )
-        )
-        # as forward() calls it
-        blocks_ms = best_ms(lambda: model.attention(q, k, v, 1e4, lam, pos, pos))
-        flex_ms = best_ms(lambda: model.attention(q, k, v, 1e4, lam, pos, pos, backend=flex))
-        rows.append(
-            {
-                "tokens": T,
-                "SDPA causal ms": causal,
-                "blocks ms": blocks_ms,
-                "flex ms": flex_ms,
-                "blocks / causal": blocks_ms / causal,
-                "flex / causal": flex_ms / causal,
-                "FLOPs Λ / causal": pairs(T, lam) / pairs(T, None),
-            }
-        )
-    report(
-        f"attention, heads {H}/{H_kv} x {hd}, G={n_global} L={n_local}",
-        rows,
-        json_out,
-        device=device,
-        dtype=dtype,
-    )
+        causal = best_ms(lambda: sdpa(q[None], k[None], v[None], is_causal=True, enable_gqa=True))
+        row = {"tokens": T, "SDPA causal ms": causal}
+        for name, backend in (("blocks", None), ("flex", flex)):  # as forward() calls them
+            call = lambda: model.attention(q, k, v, 1e4, lam, pos, pos, backend=backend)
+            row[f"{name} ms"] = best_ms(call)
+        ratios = {f"{name} / causal": row[f"{name} ms"] / causal for name in ("blocks", "flex")}
+        rows.append(row | ratios | {"FLOPs Λ / causal": pairs(T, lam) / pairs(T, None)})
+    title = f"attention, heads {H}/{H_kv} x {hd}, G={n_global} L={n_local}"
+    report(title, rows, json_out, device, dtype)
     if profile:  # where one Λ call of the block loop at the last length spends its time
         with torch.profiler.profile() as prof:
             model.attention(q, k, v, 1e4, lam, pos, pos)
@@ -152,24 +128,18 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
 
 
 @torch.inference_mode()
-def prefill_cmd(ckpt, text, lengths, json_out, device, dtype):
+def prefill(ckpt, text, lengths, json_out, device, dtype):
     """Prompt tokens/s: generate.py's prefill (LM-Infinite, bounded cache) against one transformers
     forward pass."""
     cli.writable(json_out, text, ckpt)
-    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(text))
-    if len(ids) < max(lengths):
-        raise UserError(
-            f"{text} holds only {len(ids)} tokens; pass a longer text or smaller --lengths"
-        )
-    ids = torch.tensor(ids, device=device)
+    ckpt, cfg, w, device, ids = load_prompt(ckpt, device, dtype, text, max(lengths), "--lengths")
     hf = hf_model(ckpt, device, dtype)
     lam = LambdaConfig.for_model(cfg)
-    rows = []
     backend = model.pick_backend(device)
-    ours = lambda T: prefill(w, cfg, ids[:T], caches.new_cache(cfg, lam), lam, backend)
+    ours = lambda T: generation.prefill(w, cfg, ids[:T], caches.new_cache(cfg, lam), lam, backend)
     theirs = lambda T: hf(ids[None, :T], logits_to_keep=1)
     ours(2048), theirs(2048)  # warm-up: first calls pay for allocations and kernel choice
+    rows = []
     for T in lengths:
         a, b = (best_ms(lambda: f(T), repeat=1, warm_up=False) for f in (ours, theirs))
         rows.append(
@@ -181,95 +151,63 @@ def prefill_cmd(ckpt, text, lengths, json_out, device, dtype):
                 "FLOPs theirs / ours": prefill_flops(cfg, T, None) / prefill_flops(cfg, T, lam),
             }
         )
-    report(
-        "prefill, the default model" if ckpt is None else f"prefill, {Path(ckpt).name}",
-        rows,
-        json_out,
-        device=device,
-        dtype=dtype,
-    )
+    report(f"prefill, {ckpt.name}", rows, json_out, device, dtype)
 
 
 def pairs(T, lam):
     """(query, key) pairs a T-token sequence attends: causal attention, or the Λ mask (DESIGN.md
     §1)."""
     i = torch.arange(T, dtype=torch.float64)
-    return float(
-        (
-            i + 1
-            if lam is None
-            else (i + 1).clamp(max=lam.n_local) + (i - lam.n_local + 1).clamp(0, lam.n_global)
-        ).sum()
-    )
+    seen = i + 1  # causal: every key up to the query's own
+    if lam is not None:  # Λ: the last L of them, and the first G of those before the window
+        seen = seen.clamp(max=lam.n_local) + (i - lam.n_local + 1).clamp(0, lam.n_global)
+    return float(seen.sum())
 
 
 def prefill_flops(cfg, T, lam):
     """Multiply-add FLOPs of a T-token prompt: 2 per weight of the layers per token, and 4·H·hd per
     layer for each (query, key) pair attended (scores and values). Their ratio bounds the speedup of
     kernels equally fast."""
-    C = cfg.hidden_size
-    H = cfg.num_attention_heads
-    H_kv = cfg.num_key_value_heads
-    hd = cfg.head_dim
-    F = cfg.intermediate_size
-    return cfg.num_hidden_layers * (
-        2 * T * (2 * C * H * hd + 2 * C * H_kv * hd + 3 * C * F) + 4 * H * hd * pairs(T, lam)
-    )
+    H, hd = cfg.num_attention_heads, cfg.head_dim
+    # per layer: q and o (C·H·hd each), k and v (C·H_kv·hd each), the MLP's three (C·F each)
+    attention_weights = 2 * cfg.hidden_size * hd * (H + cfg.num_key_value_heads)
+    layer_weights = attention_weights + 3 * cfg.hidden_size * cfg.intermediate_size
+    return cfg.num_hidden_layers * (2 * T * layer_weights + 4 * H * hd * pairs(T, lam))
 
 
-def filled_cache(cfg, lam, context, device, dtype):
-    """Our cache after `context` tokens of random keys and values (what they hold does not change
-    the cost), filled through its own begin / update / advance, as forward() fills it."""
-    cache, shape = caches.new_cache(cfg, lam), (cfg.num_key_value_heads, context, cfg.head_dim)
+def filled_caches(cfg, lam, hf, context, device, dtype):
+    """Our cache and transformers' full one after the same `context` tokens of random keys and
+    values (what they hold does not change the cost); ours filled through its own begin / update /
+    advance, as forward() fills it."""
+    from transformers import DynamicCache
+
+    cache, full = caches.new_cache(cfg, lam), DynamicCache(config=hf.config)
+    shape = (cfg.num_key_value_heads, context, cfg.head_dim)
     cache.begin(context, lam)
     for layer in range(cfg.num_hidden_layers):
         k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in "kv")
         cache.update(layer, k, v)
+        full.update(k[None], v[None], layer)
     cache.advance(context)
-    return cache
+    return cache, full
 
 
 @torch.inference_mode()
 def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
     """ms per generated token after `context` tokens: ours (LM-Infinite's bounded cache) against
     transformers (full cache)."""
-    from transformers import DynamicCache
-
     cli.writable(json_out, ckpt)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     hf = hf_model(ckpt, device, dtype)
     lam = LambdaConfig.for_model(cfg, n_local=n_local)
-    rows = []
-    dt = getattr(torch, dtype)
-    token, backend = torch.tensor([42], device=device), model.pick_backend(device)
+    token, backend, rows = torch.tensor([42], device=device), model.pick_backend(device), []
+    kind = getattr(torch, dtype)
     for context in contexts:
-        cache = filled_cache(cfg, lam, context, device, dtype=dt)
-        ours_ms = best_ms(
-            lambda: decode_one_token(w, cfg, token, cache, lam, backend), repeat=tokens
-        )
-        hf_cache = DynamicCache(config=hf.config)
-        for layer in range(cfg.num_hidden_layers):
-            hf_cache.update(
-                *(
-                    torch.randn(
-                        1, cfg.num_key_value_heads, context, cfg.head_dim, device=device, dtype=dt
-                    )
-                    for _ in "kv"
-                ),
-                layer,
-            )
-        theirs_ms = best_ms(
-            lambda: hf(token[None], past_key_values=hf_cache, use_cache=True, logits_to_keep=1),
-            repeat=tokens,
-        )
-        full = (
-            2
-            * cfg.num_hidden_layers
-            * cfg.num_key_value_heads
-            * cfg.head_dim
-            * context
-            * dt.itemsize
-        )
+        cache, full = filled_caches(cfg, lam, hf, context, device, kind)
+        step = lambda: generation.decode_one_token(w, cfg, token, cache, lam, backend)
+        ours_ms = best_ms(step, repeat=tokens)
+        step = lambda: hf(token[None], past_key_values=full, use_cache=True, logits_to_keep=1)
+        theirs_ms = best_ms(step, repeat=tokens)
         rows.append(
             {
                 "context": context,
@@ -277,16 +215,11 @@ def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
                 "transformers ms/token": theirs_ms,
                 "ours / transformers": ours_ms / theirs_ms,
                 "ours KV MiB": cache.nbytes() / 2**20,
-                "full KV MiB": full / 2**20,
+                "full KV MiB": context * caches.kv_bytes_per_token(cfg, kind.itemsize) / 2**20,
             }
         )
-    report(
-        f"decode, batch 1, G={lam.n_global} L={lam.n_local}, the fastest of --tokens steps",
-        rows,
-        json_out,
-        device=device,
-        dtype=dtype,
-    )
+    title = f"decode, batch 1, G={lam.n_global} L={lam.n_local}, the fastest of --tokens steps"
+    report(title, rows, json_out, device, dtype)
 
 
 @torch.inference_mode()
@@ -300,129 +233,83 @@ def stream(ckpt, tokens, chunk, json_out, device, dtype):
     step = max(tokens // 10, chunk)
     backend = model.pick_backend(device)
     for start in range(0, tokens, step):
+        end = min(start + step, tokens)
         t0 = clock()
-        for a in range(start, min(start + step, tokens), chunk):
-            ids = torch.randint(0, cfg.vocab_size, (min(chunk, tokens - a),), generator=g).to(
-                device
-            )
-            model.forward(w, cfg, ids, lam, cache, last_only=True, backend=backend)
-        n = min(start + step, tokens) - start
-        rows.append(
-            {
-                "tokens": f"{start}-{start + n}",
-                "tokens/s": n / (clock() - t0),
-                "peak MiB": round(cli.peak_memory_mb(device)),
-            }
-        )
-    report(
-        f"stream, G={lam.n_global} L={lam.n_local}, chunks of {chunk}",
-        rows,
-        json_out,
-        device=device,
-        dtype=dtype,
-    )
+        for a in range(start, end, chunk):
+            ids = torch.randint(0, cfg.vocab_size, (min(chunk, tokens - a),), generator=g)
+            model.forward(w, cfg, ids.to(device), lam, cache, last_only=True, backend=backend)
+        speed = (end - start) / (clock() - t0)
+        peak = round(cli.peak_memory_mb(device))
+        rows.append({"tokens": f"{start}-{end}", "tokens/s": speed, "peak MiB": peak})
+    title = f"stream, G={lam.n_global} L={lam.n_local}, chunks of {chunk}"
+    report(title, rows, json_out, device, dtype)
 
 
 def ours(weights, cfg, ids, new_tokens, lam):
-    """Seconds for prefill and for new_tokens greedy decode steps (no stop at end-of-text), and the
-    tokens."""
+    """generate.py's path: prefill, then new_tokens greedy decode steps (no stop at end-of-text);
+    the seconds each took, and the tokens, as a row of the table."""
     cache, out, backend = caches.new_cache(cfg, lam), [], model.pick_backend(ids.device)
     t0 = clock()
-    logits = prefill(weights, cfg, ids, cache, lam, backend)
+    logits = generation.prefill(weights, cfg, ids, cache, lam, backend)
     t1 = clock()
     for _ in range(new_tokens):
         out.append(int(logits.argmax()))
-        logits = decode_one_token(
-            weights, cfg, torch.tensor(out[-1:], device=ids.device), cache, lam, backend
-        )
-    return t1 - t0, clock() - t1, out
+        token = torch.tensor(out[-1:], device=ids.device)
+        logits = generation.decode_one_token(weights, cfg, token, cache, lam, backend)
+    decode_s = clock() - t1
+    return {
+        "seconds": t1 - t0 + decode_s,
+        "prefill_s": t1 - t0,
+        "decode_ms_per_token": 1000 * decode_s / new_tokens,
+        "tokens": out,
+    }
 
 
 def transformers_generate(ckpt, ids, new_tokens, dtype):
-    """Seconds for transformers' LlamaForCausalLM (SDPA attention, its own cache) to do the same,
-    and its tokens."""
+    """The same with transformers' LlamaForCausalLM (SDPA attention, its own cache): the seconds
+    its generate takes, and its tokens."""
     hf = hf_model(ckpt, ids.device, dtype)
     hf.generate(ids[None, :64], max_new_tokens=2, do_sample=False)  # warm-up, as ours() had
     t0 = clock()
-    out = hf.generate(
-        ids[None],
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        num_beams=1,
-    )
-    return clock() - t0, out[0, len(ids) :].tolist()
+    exactly = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)  # no stop at end-of-text
+    out = hf.generate(ids[None], **exactly, do_sample=False, num_beams=1)
+    seconds = clock() - t0
+    tokens = out[0, len(ids) :].tolist()
+    return {"seconds": seconds, "prefill_s": None, "decode_ms_per_token": None, "tokens": tokens}
 
 
 @torch.inference_mode()
 def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
-    if prompt_tokens < 1 or new_tokens < 1:
-        raise UserError("--prompt-tokens and --new-tokens must be at least 1")
+    """A prompt and a greedy continuation: generate.py's path (LM-Infinite, then vanilla) against
+    transformers' generate."""
     cli.writable(json_out, text, ckpt)
-    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(text))[:prompt_tokens]
-    if len(ids) < prompt_tokens:
-        raise UserError(
-            f"{text} holds only {len(ids)} tokens; pass a longer text or a smaller --prompt-tokens"
-        )
-    ids = torch.tensor(ids, device=device)
-    # warm-up: first calls pay for allocations and kernel choice
-    ours(w, cfg, ids[:64], 2, LambdaConfig.for_model(cfg))
-    rows = []
-    for name, lam in (
-        ("lminf_min, LM-Infinite", LambdaConfig.for_model(cfg)),
-        ("lminf_min, vanilla", None),
-    ):
-        pre, dec, toks = ours(w, cfg, ids, new_tokens, lam)
-        rows.append(
-            {
-                "run": name,
-                "seconds": pre + dec,
-                "prefill_s": pre,
-                "decode_ms_per_token": 1000 * dec / new_tokens,
-                "tokens": toks,
-            }
-        )
-    seconds, toks = transformers_generate(ckpt, ids, new_tokens, dtype)
-    rows.append(
-        {
-            "run": "transformers, SDPA",
-            "seconds": seconds,
-            "prefill_s": None,
-            "decode_ms_per_token": None,
-            "tokens": toks,
-        }
-    )
+    flag = "--prompt-tokens"
+    ckpt, cfg, w, device, ids = load_prompt(ckpt, device, dtype, text, prompt_tokens, flag)
+    ids = ids[:prompt_tokens]
+    lam = LambdaConfig.for_model(cfg)
+    ours(w, cfg, ids[:64], 2, lam)  # warm-up: first calls pay for allocations and kernel choice
+    rows = [
+        {"run": "lminf_min, LM-Infinite"} | ours(w, cfg, ids, new_tokens, lam),
+        {"run": "lminf_min, vanilla"} | ours(w, cfg, ids, new_tokens, None),
+        {"run": "transformers, SDPA"} | transformers_generate(ckpt, ids, new_tokens, dtype),
+    ]
     base = rows[-1]["seconds"]
-    print(
-        f"{len(ids)}-token prompt + {new_tokens} greedy tokens, {device} "
-        f"({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads), {dtype}, {date.today()}"
-    )
-    print(
-        "| run | total s | prefill s | decode ms/token | time vs transformers "
-        "|\n|---|---|---|---|---|"
-    )
-    for r in rows:
-        pre = "" if r["prefill_s"] is None else f"{r['prefill_s']:.1f}"
-        dec = "" if r["decode_ms_per_token"] is None else f"{r['decode_ms_per_token']:.0f}"
-        print(f"| {r['run']} | {r['seconds']:.1f} | {pre} | {dec} | {r['seconds'] / base:.2f}x |")
+    cell = lambda value, spec: "" if value is None else format(value, spec)
+    shown = [
+        {
+            "run": r["run"],
+            "total s": cell(r["seconds"], ".1f"),
+            "prefill s": cell(r["prefill_s"], ".1f"),
+            "decode ms/token": cell(r["decode_ms_per_token"], ".0f"),
+            "time vs transformers": f"{r['seconds'] / base:.2f}x",
+        }
+        for r in rows
+    ]
     same = rows[1]["tokens"] == rows[2]["tokens"]
+    title = f"{len(ids)}-token prompt + {new_tokens} greedy tokens"
+    meta = dict(prompt_tokens=len(ids), new_tokens=new_tokens, vanilla_equals_transformers=same)
+    report(title, rows, json_out, device, dtype, shown, **meta)
     print(f"vanilla and transformers chose the same {new_tokens} tokens: {same}")
-    if json_out:
-        cli.write_json(
-            json_out,
-            {
-                "prompt_tokens": len(ids),
-                "new_tokens": new_tokens,
-                "device": device,
-                "dtype": dtype,
-                "threads": torch.get_num_threads(),
-                "date": str(date.today()),
-                "rows": rows,
-                "vanilla_equals_transformers": same,
-            },
-        )
 
 
 def checked(args):
@@ -437,63 +324,59 @@ def checked(args):
 def main(argv=None):
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    out = ("--device", "--dtype", "--json")
-    cli.add_flags(
-        cli.subcommand(sub, "generate", "prompt + greedy continuation: ours vs transformers"),
+    count = lambda n, what: dict(type=int, default=n, help=what)
+    lengths = lambda default, what: dict(type=lengths_arg, default=default, help=what)
+
+    def command(run, what, *common, **own):
+        """The sub-command named after the function `run`: the common flags named (cli.FLAGS), then
+        --device, --dtype and --json, which every one takes, then its own."""
+        flags = (*common, "--device", "--dtype", "--json")
+        subparser = cli.add_flags(cli.subcommand(sub, run.__name__, what), *flags, **own)
+        subparser.set_defaults(run=run)
+        return subparser
+
+    command(
+        generate,
+        "prompt + greedy continuation: ours vs transformers",
         "--ckpt",
-        *out,
         text=dict(required=True, help="UTF-8 text whose first tokens are the prompt"),
-        prompt_tokens=dict(type=int, default=16384, help="prompt length in tokens"),
-        new_tokens=dict(type=int, default=64, help="greedy tokens generated after it"),
+        prompt_tokens=count(16384, "prompt length in tokens"),
+        new_tokens=count(64, "greedy tokens generated after it"),
     )
-    attention_cmd = cli.subcommand(sub, "attention", "one layer: both Λ backends vs SDPA, random")
-    cli.add_flags(
-        attention_cmd,
-        *out,
+    command(
+        attention,
+        "one layer: both Λ backends vs SDPA, random",
         "--n-global",
         "--n-local",
-        lengths=dict(type=lengths_arg, default=[4096, 16384], help="sequence lengths"),
-        heads=dict(
-            type=lengths_arg,
-            default=[9, 3, 64],
-            help="query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)",
-        ),
+        lengths=lengths([4096, 16384], "sequence lengths"),
+        heads=lengths([9, 3, 64], "query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)"),
         profile=dict(action="store_true", help="then print torch.profiler's table for one call"),
-    )
-    attention_cmd.set_defaults(n_local=8192)  # no model here: L, and d_max = L
-    cli.add_flags(
-        cli.subcommand(sub, "prefill", "prompt tokens/s: our prefill vs transformers"),
+    ).set_defaults(n_local=8192)  # no model here: L, and d_max = L
+    command(
+        prefill,
+        "prompt tokens/s: our prefill vs transformers",
         "--ckpt",
-        *out,
         text=dict(required=True, help="UTF-8 text whose first tokens are the prompts"),
-        lengths=dict(type=lengths_arg, default=[8192, 32768], help="prompt lengths"),
+        lengths=lengths([8192, 32768], "prompt lengths"),
     )
-    cli.add_flags(
-        cli.subcommand(sub, "decode", "ms/token after a long context vs transformers"),
+    command(
+        decode,
+        "ms/token after a long context vs transformers",
         "--ckpt",
-        *out,
         "--n-local",
-        contexts=dict(type=lengths_arg, default=[4096, 32768], help="context lengths"),
-        tokens=dict(
-            type=int, default=8, help="decode steps timed per context (the fastest counts)"
-        ),
+        contexts=lengths([4096, 32768], "context lengths"),
+        tokens=count(8, "decode steps timed per context (the fastest counts)"),
     )
-    cli.add_flags(
-        cli.subcommand(sub, "stream", "tokens/s and memory of a random stream, bounded cache"),
+    command(
+        stream,
+        "tokens/s and memory of a random stream, bounded cache",
         "--ckpt",
-        *out,
-        tokens=dict(type=int, default=100000, help="stream length"),
-        chunk=dict(type=int, default=1024, help="tokens per forward pass"),
+        tokens=count(100000, "stream length"),
+        chunk=count(1024, "tokens per forward pass"),
     )
     args = checked(cli.parse(parser, argv))
-    commands = {
-        "generate": generate,
-        "attention": attention,
-        "prefill": prefill_cmd,
-        "decode": decode,
-        "stream": stream,
-    }
-    commands[args.pop("command")](**args)
+    del args["command"]
+    args.pop("run")(**args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ python -m lminf_min.eval ppl --text FILE --max-tokens 16384 --vanilla     # full
 python -m lminf_min.eval ppl --text FILE --max-tokens 16384 --n-global 0  # window only
 python -m lminf_min.eval stream --text A.txt B.txt --tokens 200000        # bounded memory
 python -m lminf_min.eval passkey --lengths 4096,16384 --samples 20        # a hidden number
+
+The commands pass LM-Infinite's flags (--n-global, --n-local, --d-max; passkey's also
+--top-k-from-layer, --top-k-distance) on to LambdaConfig.for_model as `knobs`, under the same names.
+A command's docstring is its --help line.
 """
 
 import copy
@@ -37,19 +41,14 @@ def stream_nll(weights, cfg, chunks, lam, backend=None):
     Every logit is checked to be finite.
     """
     # last: log-probs after the previous chunk, for this chunk's first token
-    cache, last, seen = (caches.new_cache(cfg, lam), None, 0)
+    cache, last, seen = caches.new_cache(cfg, lam), None, 0
     for chunk in chunks:
-        # (T, C)
-        hidden = model.forward(
-            weights, cfg, chunk, cache=cache, lam=lam, hidden_only=True, backend=backend
-        )
+        hidden = model.forward(weights, cfg, chunk, lam, cache, hidden_only=True, backend=backend)
         logp = torch.log_softmax(model.lm_head(weights, cfg, hidden), dim=-1)  # (T, V) float32
         # finite log-probabilities <=> finite logits: a finished run had no inf/NaN
         if not torch.isfinite(logp).all():
-            raise UserError(
-                f"inf or NaN logits in the chunk of {len(chunk)} tokens after token {seen}; try "
-                "--dtype float32"
-            )
+            where = f"in the chunk of {len(chunk)} tokens after token {seen}"
+            raise UserError(f"inf or NaN logits {where}; try --dtype float32")
         seen += len(chunk)
         nll = -logp[:-1].gather(1, chunk[1:, None])[:, 0]
         yield (nll if last is None else torch.cat([-last[chunk[:1]], nll])).double().cpu()
@@ -67,70 +66,65 @@ def token_nll(weights, cfg, tokens, lam, progress=True, backend=None):
 def bucketed(nll, bucket):
     """Perplexity of the predicted tokens at positions [start, end), position = index in the
     text."""
-    rows = []
-    for start in range(0, len(nll) + 1, bucket):
-        # nll[t] scores the token at position t + 1
-        part = nll[max(start - 1, 0) : start - 1 + bucket]
-        if len(part):
-            rows.append(
-                {
-                    "start": start,
-                    "end": min(start + bucket, len(nll) + 1),
-                    "ppl": math.exp(part.mean()),
-                }
-            )
-    return rows
+    end = len(nll) + 1  # positions 0 .. end - 1; nll[t] scores the token at position t + 1
+    parts = {start: nll[max(start - 1, 0) : start - 1 + bucket] for start in range(0, end, bucket)}
+    return [
+        {"start": start, "end": min(start + bucket, end), "ppl": math.exp(part.mean())}
+        for start, part in parts.items()
+        if len(part)  # not position 0 alone (bucket 1): it has no prediction
+    ]
+
+
+def attention_name(lam):
+    return (
+        "vanilla" if lam is None else f"LM-Infinite G={lam.n_global} L={lam.n_local} D={lam.d_max}"
+    )
 
 
 def plot_ppl(results, title, path):
     """Perplexity against position, one line per result (the JSON that `ppl --json` writes), log
     scale."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    ax = Figure(figsize=(7, 4)).subplots()
     for r in results:
-        rows = r["buckets"]
-        ax.plot(
-            [(b["start"] + b["end"]) / 2 for b in rows],
-            [b["ppl"] for b in rows],
-            marker="o",
-            label=f"{r['attention']}: {r['ppl']:.2f}",
-        )
-    ax.set(
-        xlabel="token position (bucket centre)",
-        ylabel="perplexity (log scale)",
-        yscale="log",
-        title=title,
-    )
+        centres = [(b["start"] + b["end"]) / 2 for b in r["buckets"]]
+        ppls = [b["ppl"] for b in r["buckets"]]
+        ax.plot(centres, ppls, marker="o", label=f"{r['attention']}: {r['ppl']:.2f}")
+    ax.set(xlabel="token position (bucket centre)", ylabel="perplexity (log scale)", title=title)
+    ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")  # the name as given
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=120, format="png")  # the name as given
+
+
+def read_result(path):
+    """A result of `ppl --json`, checked enough to plot: a name, a perplexity and number buckets."""
+    fix = "pass JSON files written by `eval ppl --json`"
+    if not Path(path).is_file():  # a folder, a pipe or a device: reading would block or never end
+        raise UserError(f"{path} is not a file; {fix}")
+    try:
+        result = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or not JSON
+        raise UserError(f"cannot read {path} ({e}); {fix}") from None
+    try:
+        buckets = result["buckets"]
+        values = [result["ppl"], *(b[k] for b in buckets for k in ("start", "end", "ppl"))]
+        ok = buckets and isinstance(result["attention"], str)
+    except (KeyError, TypeError, IndexError):
+        ok = False
+    # json gives exactly int or float for a number (bool is a subclass of int: excluded)
+    if not ok or any(type(v) not in (int, float) for v in values):
+        raise UserError(
+            f"{path} is not a result of `eval ppl --json` (no perplexity buckets); pass one"
+        )
+    return result
 
 
 def plot(results, out, title):
-    runs = []
-    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
-    for path in results:
-        if not Path(path).is_file():
-            raise UserError(f"{path} is not a file; pass JSON files written by `eval ppl --json`")
-        try:
-            runs.append(json.loads(Path(path).read_text(encoding="utf-8")))
-            buckets, name = runs[-1]["buckets"], runs[-1]["attention"]
-            values = [v for b in buckets for v in (b["start"], b["end"], b["ppl"])]
-            if not (buckets and isinstance(name, str) and all(map(number, values))):
-                raise TypeError
-        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise UserError(
-                f"cannot read {path} ({e}); pass JSON files written by `eval ppl --json`"
-            ) from None
-        except (KeyError, TypeError, IndexError):
-            raise UserError(
-                f"{path} is not a result of `eval ppl --json` (no perplexity buckets); pass one"
-            ) from None
+    """draw several `ppl --json` results on one perplexity-by-position plot"""
+    runs = [read_result(path) for path in results]
     cli.writable(out, *results)
     plot_ppl(runs, title, out)
     print(f"wrote {out}")
@@ -139,86 +133,67 @@ def plot(results, out, title):
 def sampled_stream(docs, n_tokens, seed):
     """Chunks of CHUNK tokens (n_tokens in all): whole documents drawn with replacement, one after
     another."""
-    rng, buffer, done = torch.Generator().manual_seed(seed), [], 0
-    while done < n_tokens:
-        buffer += docs[int(torch.randint(len(docs), (1,), generator=rng))]
-        while len(buffer) >= CHUNK or (buffer and done + len(buffer) >= n_tokens):
-            chunk, buffer = buffer[: min(CHUNK, n_tokens - done)], buffer[CHUNK:]
-            done += len(chunk)
-            yield torch.tensor(chunk)
-            if done >= n_tokens:
-                return
+    rng = torch.Generator().manual_seed(seed)
+    draws = (docs[int(torch.randint(len(docs), (1,), generator=rng))] for _ in itertools.count())
+    tokens = itertools.islice(itertools.chain.from_iterable(draws), n_tokens)
+    while chunk := list(itertools.islice(tokens, CHUNK)):
+        yield torch.tensor(chunk)
 
 
 @torch.inference_mode()
-def stream(ckpt, text, tokens, segment, n_global, n_local, d_max, seed, json_out, device, dtype):
+def stream(ckpt, text, tokens, segment, seed, json_out, device, dtype, **knobs):
+    """perplexity of an endless stream of documents, bounded cache"""
     if tokens < 2 or segment < 1:
         raise UserError("--tokens must be at least 2 and --segment at least 1")
     cli.writable(json_out, *text, ckpt)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    lam, tok = (
-        LambdaConfig.for_model(cfg, n_global, n_local, d_max),
-        Tokenizer(ckpt, cfg.vocab_size),
-    )
+    lam = LambdaConfig.for_model(cfg, **knobs)
+    tok = Tokenizer(ckpt, cfg.vocab_size)
     docs = [tok.encode(cli.read_prompt(t)) for t in text]
-    nlls = stream_nll(
-        w,
-        cfg,
-        (c.to(device) for c in sampled_stream(docs, tokens, seed)),
-        lam,
-        model.pick_backend(device),
-    )
-    rows, pending, total = [], torch.zeros(0, dtype=torch.float64), 0.0
+    chunks = (c.to(device) for c in sampled_stream(docs, tokens, seed))
+    rows, total = [], 0.0
+    pending = torch.zeros(0, dtype=torch.float64)  # the NLLs of the segment being filled
+    start = 1  # the position of its first token (the first token has no prediction)
     bar = tqdm(total=tokens - 1, desc="stream", unit="tok", file=sys.stderr)
-    # None marks the end: report the last, partial segment
-    for nll in itertools.chain(nlls, [None]):
-        if nll is not None:
-            bar.update(len(nll))
-            pending, total = torch.cat([pending, nll]), total + float(nll.sum())
-        while len(pending) >= segment or (nll is None and len(pending)):
+    for nll in stream_nll(w, cfg, chunks, lam, model.pick_backend(device)):
+        bar.update(len(nll))
+        pending, total = torch.cat([pending, nll]), total + float(nll.sum())
+        # each whole segment, and at the stream's end (position `tokens`) the last, partial one
+        while len(pending) >= segment or (len(pending) and start + len(pending) == tokens):
             part, pending = pending[:segment], pending[segment:]
-            start = rows[-1]["end"] if rows else 1  # the first token has no prediction
-            rows.append(
-                {
-                    "start": start,
-                    "end": start + len(part),
-                    "ppl": math.exp(part.mean()),
-                    "peak_memory_mib": round(cli.peak_memory_mb(device)),
-                }
-            )
+            end = start + len(part)
+            ppl = math.exp(part.mean())
+            memory = round(cli.peak_memory_mb(device))
+            rows.append(dict(start=start, end=end, ppl=ppl, peak_memory_mib=memory))
             bar.write(
-                f"  tokens {start:>10}-{start + len(part):<10} perplexity {rows[-1]['ppl']:8.2f}   "
-                f"peak memory {rows[-1]['peak_memory_mib']} MiB"
+                f"  tokens {start:>10}-{end:<10} perplexity {ppl:8.2f}   peak memory {memory} MiB"
             )
+            start = end
     bar.close()
     result = {
         "tokens": tokens,
         "ppl": math.exp(total / (tokens - 1)),
         "segments": rows,
         "texts": [Path(t).name for t in text],
-        "attention": f"LM-Infinite G={lam.n_global} L={lam.n_local} D={lam.d_max}",
+        "attention": attention_name(lam),
         "device": device,
         "dtype": dtype,
     }
-    print(
-        f"{result['attention']}: a stream of {tokens} tokens from {len(docs)} document(s), "
-        f"perplexity {result['ppl']:.2f}"
-    )
+    stream_of = f"a stream of {tokens} tokens from {len(docs)} document(s)"
+    print(f"{result['attention']}: {stream_of}, perplexity {result['ppl']:.2f}")
     if json_out:
         cli.write_json(json_out, result)
 
 
 @torch.inference_mode()
-def ppl(
-    ckpt, text, max_tokens, vanilla, n_global, n_local, d_max, bucket, json_out, plot, device, dtype
-):
+def ppl(ckpt, text, max_tokens, vanilla, bucket, json_out, plot, device, dtype, **knobs):
+    """perplexity by position over one long text"""
     if max_tokens < 2 or bucket < 1:
         raise UserError("--max-tokens must be at least 2 and --bucket at least 1")
     cli.writable(json_out, text, ckpt)
     cli.writable(plot, text, ckpt, json_out)
-    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    lam = None if vanilla else LambdaConfig.for_model(cfg, n_global, n_local, d_max)
-    ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(text))[:max_tokens]
+    ckpt, cfg, w, device, _, ids = cli.load_text(ckpt, device, dtype, text, max_tokens)
+    lam = None if vanilla else LambdaConfig.for_model(cfg, **knobs)
     if len(ids) < 2:
         raise UserError(f"{text} holds fewer than 2 tokens; perplexity needs a longer text")
     if len(ids) < max_tokens:
@@ -227,28 +202,23 @@ def ppl(
         need = 2 * len(ids) * caches.kv_bytes_per_token(cfg, w["model.norm.weight"].element_size())
         cli.fits(need, device, f"a full KV cache for {len(ids)} tokens", "drop --vanilla")
     t0 = time.perf_counter()
-    nll = token_nll(
-        w, cfg, torch.tensor(ids, device=device), lam, backend=model.pick_backend(device)
-    )
+    tokens = torch.tensor(ids, device=device)
+    nll = token_nll(w, cfg, tokens, lam, backend=model.pick_backend(device))
     seconds = time.perf_counter() - t0
-    name = (
-        "vanilla" if lam is None else f"LM-Infinite G={lam.n_global} L={lam.n_local} D={lam.d_max}"
-    )
     result = {
         "tokens": len(ids),
         "ppl": math.exp(nll.mean()),
         "buckets": bucketed(nll, bucket),
-        "attention": name,
+        "attention": attention_name(lam),
         "text": Path(text).name,
         "checkpoint": str(ckpt),
         "device": device,
         "dtype": dtype,
         "seconds": round(seconds, 1),
     }
-    print(
-        f"{name}: {len(ids)} tokens of {Path(text).name}, perplexity {result['ppl']:.2f} "
-        f"({seconds:.0f} s, {len(ids) / seconds:.0f} tokens/s)"
-    )
+    speed = f"{seconds:.0f} s, {len(ids) / seconds:.0f} tokens/s"
+    what = f"{len(ids)} tokens of {Path(text).name}"
+    print(f"{result['attention']}: {what}, perplexity {result['ppl']:.2f} ({speed})")
     for r in result["buckets"]:
         print(f"  positions {r['start']:>7}-{r['end']:<7} ppl {r['ppl']:10.2f}")
     if json_out:
@@ -276,15 +246,14 @@ def passkey_prompt(tok, length, depth, key):
 
     The pieces are tokenized apart and joined, so the length is exact and the key's tokens are the
     same at every depth."""
-    task, unit, key_ids, question = (
-        tok.encode(t)
-        for t in (PASSKEY_TASK, PASSKEY_FILLER, PASSKEY_KEY.format(key=key), PASSKEY_QUESTION)
-    )
+    pieces = (PASSKEY_TASK, PASSKEY_FILLER, PASSKEY_KEY.format(key=key), PASSKEY_QUESTION)
+    task, unit, key_ids, question = map(tok.encode, pieces)
     n_fill = length - len(task) - len(key_ids) - len(question)
     if n_fill < len(unit):
+        least = length - n_fill + len(unit)
         raise UserError(
-            f"passkey length {length} is too short for the prompt; use lengths of at least "
-            f"{length - n_fill + len(unit)} tokens"
+            f"passkey length {length} is too short for the prompt; use lengths of at least {least} "
+            "tokens"
         )
     filler = (unit * (n_fill // len(unit) + 1))[:n_fill]
     at = round(depth * (n_fill // len(unit))) * len(unit)  # between two filler units
@@ -297,32 +266,16 @@ def greedy_answer(weights, cfg, cache, tail, lam, vocab, backend):
     win)."""
     for t in tail:
         logits = decode_one_token(weights, cfg, t, cache, lam, backend)
-    out = [int(logits[:vocab].argmax())]
+    out = [logits[:vocab].argmax()]
     while len(out) < ANSWER_TOKENS:
-        logits = decode_one_token(
-            weights, cfg, torch.tensor(out[-1:], device=tail.device), cache, lam, backend
-        )
-        out.append(int(logits[:vocab].argmax()))
-    return out
+        logits = decode_one_token(weights, cfg, out[-1], cache, lam, backend)
+        out.append(logits[:vocab].argmax())
+    return [int(t) for t in out]
 
 
 @torch.inference_mode()
-def passkey(
-    ckpt,
-    lengths,
-    samples,
-    depths,
-    top_k_middle,
-    top_k_from_layer,
-    top_k_distance,
-    seed,
-    json_out,
-    device,
-    dtype,
-    n_global,
-    n_local,
-    d_max,
-):
+def passkey(ckpt, lengths, samples, depths, top_k_middle, seed, json_out, device, dtype, **knobs):
+    """find a number hidden in filler: vanilla, LM-Infinite, + top-k"""
     try:
         lengths = list(dict.fromkeys(int(n) for n in lengths.split(",")))
     except ValueError:
@@ -335,102 +288,74 @@ def passkey(
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     # three full caches at once (vanilla's, LM-Infinite's, top-k's), each up to twice its length
     need = 6 * max(lengths) * caches.kv_bytes_per_token(cfg, w["model.norm.weight"].element_size())
-    cli.fits(
-        need, device, f"--lengths: holding three full caches of {max(lengths)} tokens", "use less"
-    )
+    what = f"--lengths: holding three full caches of {max(lengths)} tokens"
+    cli.fits(need, device, what, "use less")
     tok = Tokenizer(ckpt, cfg.vocab_size)
     rng = torch.Generator().manual_seed(seed)
     backend = model.pick_backend(device)
     vocab, n_question = tok.vocab_size, len(tok.encode(PASSKEY_QUESTION))
-    lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
+    top_k = LambdaConfig.for_model(cfg, top_k=top_k_middle, **knobs)
+    lam = dataclasses.replace(top_k, top_k=0)  # LM-Infinite: the same without middle tokens
     top_k_name = f"LM-Infinite + top-{top_k_middle}"
-    methods = {
-        "vanilla": None,
-        "LM-Infinite": lam,
-        top_k_name: LambdaConfig.for_model(
-            cfg, n_global, n_local, d_max, top_k_middle, top_k_from_layer, top_k_distance
-        ),
-    }
-    for length in lengths:
-        # a clear error for a length too short, before any work
-        passkey_prompt(tok, length, 0.5, "10000")
-    rows = []
-    bar = tqdm(total=len(lengths) * samples, desc="passkey", unit="prompt", file=sys.stderr)
-    for length, s in itertools.product(lengths, range(samples)):
+    methods = ["vanilla", "LM-Infinite", top_k_name]
+    passkey_prompt(tok, min(lengths), 0.5, "10000")  # a clear error for a length too short, now
+    rows, prompts = [], list(itertools.product(lengths, range(samples)))
+    for length, s in tqdm(prompts, desc="passkey", unit="prompt", file=sys.stderr):
         depth = (s % depths + 0.5) / depths
         key = str(int(torch.randint(10000, 100000, (1,), generator=rng)))
         ids, key_at = passkey_prompt(tok, length, depth, key)
         ids = torch.tensor(ids, device=device)
         haystack, question = ids[:-n_question], ids[-n_question:]
+        answer = lambda cache, lam: greedy_answer(w, cfg, cache, question, lam, vocab, backend)
         # a full cache, so that top-k can reuse LM-Infinite's haystack
         cache = caches.KVCache(cfg.num_hidden_layers)
         # inside the first window Λ attention is causal attention: shared
         prefill(w, cfg, haystack[: lam.n_local], cache)
         # every query inside the window: the three are one computation (T <= L)
         if length + ANSWER_TOKENS <= lam.n_local:
-            answers = dict.fromkeys(
-                methods, greedy_answer(w, cfg, cache, question, None, vocab, backend)
-            )
+            answers = dict.fromkeys(methods, answer(cache, None))
         else:
             full = copy.deepcopy(cache)  # vanilla's, from here on
             if len(haystack) > lam.n_local:
                 prefill(w, cfg, haystack[lam.n_local :], cache, lam, backend)
                 prefill(w, cfg, haystack[lam.n_local :], full)
-            shared = copy.deepcopy(cache)
             answers = {
-                "LM-Infinite": greedy_answer(w, cfg, cache, question, lam, vocab, backend),
-                top_k_name: greedy_answer(
-                    w, cfg, shared, question, methods[top_k_name], vocab, backend
-                ),
-                "vanilla": greedy_answer(w, cfg, full, question, None, vocab, backend),
+                "LM-Infinite": answer(copy.deepcopy(cache), lam),
+                top_k_name: answer(cache, top_k),
+                "vanilla": answer(full, None),
             }
+        prompt = dict(length=length, depth=depth, key_position=key_at, key=key)
         for name, out in answers.items():
             text = tok.decode(out)
-            rows.append(
-                {
-                    "length": length,
-                    "depth": depth,
-                    "key_position": key_at,
-                    "key": key,
-                    "method": name,
-                    "answer": text,
-                    "correct": (re.findall(r"\d+", text) or [""])[0] == key,
-                }
-            )
-        bar.update()
-    bar.close()
+            correct = re.findall(r"\d+", text)[:1] == [key]  # the first number in the answer
+            rows.append(dict(prompt, method=name, answer=text, correct=correct))
     summary = passkey_table(rows, lengths, sorted({r["depth"] for r in rows}), methods)
     print(summary)
+    result = {
+        "rows": rows,
+        "table": summary,
+        "checkpoint": str(ckpt),
+        "device": device,
+        "dtype": dtype,
+        "settings": dataclasses.asdict(top_k),
+        "samples": samples,
+        "seed": seed,
+    }
     if json_out:
-        cli.write_json(
-            json_out,
-            {
-                "rows": rows,
-                "table": summary,
-                "checkpoint": str(ckpt),
-                "device": device,
-                "dtype": dtype,
-                "settings": dataclasses.asdict(methods[top_k_name]),
-                "samples": samples,
-                "seed": seed,
-            },
-        )
+        cli.write_json(json_out, result)
 
 
 def passkey_table(rows, lengths, depths, methods):
     """Markdown: per length and method, exact-match accuracy overall and at each depth."""
+    score = lambda rows: f"{sum(r['correct'] for r in rows)}/{len(rows)}"
     lines = [
         "| length | method | accuracy | " + " | ".join(f"depth {d:.2f}" for d in depths) + " |",
         "|---" * (3 + len(depths)) + "|",
     ]
     for length, name in itertools.product(lengths, methods):
         cell = [r for r in rows if r["length"] == length and r["method"] == name]
-        at = [[r["correct"] for r in cell if r["depth"] == d] for d in depths]
-        lines.append(
-            f"| {length} | {name} | {sum(r['correct'] for r in cell)}/{len(cell)} | "
-            + " | ".join(f"{sum(a)}/{len(a)}" for a in at)
-            + " |"
-        )
+        scores = [score(cell)] + [score([r for r in cell if r["depth"] == d]) for d in depths]
+        lines.append(f"| {length} | {name} | " + " | ".join(scores) + " |")
     return "\n".join(lines)
 
 
@@ -438,42 +363,34 @@ def main(argv=None):
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = (*cli.MODEL, *cli.LAMBDA, "--json")  # what ppl, stream and passkey share
-    cli.add_flags(
-        cli.subcommand(sub, "ppl", "perplexity by position over one long text"),
-        *common,
-        text=dict(required=True, help="UTF-8 text file"),
-        max_tokens=dict(type=int, required=True, help="evaluate the first N tokens of the text"),
-        vanilla=dict(action="store_true", help="full causal attention instead of LM-Infinite"),
-        bucket=dict(type=int, default=4096, help="positions per perplexity bucket"),
-        plot=dict(help="draw perplexity against position into this PNG"),
-    )
-    cli.add_flags(
-        cli.subcommand(
-            sub, "stream", "perplexity of an endless stream of documents, bounded cache"
+    own = {  # each command's own flags, after the common ones
+        ppl: dict(
+            text=dict(required=True, help="UTF-8 text file"),
+            max_tokens=dict(type=int, required=True, help="evaluate the text's first N tokens"),
+            vanilla=dict(action="store_true", help="full causal attention instead of LM-Infinite"),
+            bucket=dict(type=int, default=4096, help="positions per perplexity bucket"),
+            plot=dict(help="draw perplexity against position into this PNG"),
         ),
-        *common,
-        text=dict(nargs="+", required=True, help="UTF-8 documents, drawn with replacement"),
-        tokens=dict(type=int, required=True, help="length of the stream"),
-        segment=dict(type=int, default=20000, help="tokens per reported perplexity"),
-        seed=dict(type=int, default=0, help="seed of the document draws"),
-    )
-    cli.add_flags(
-        cli.subcommand(
-            sub, "passkey", "find a number hidden in filler: vanilla, LM-Infinite, + top-k"
+        stream: dict(
+            text=dict(nargs="+", required=True, help="UTF-8 documents, drawn with replacement"),
+            tokens=dict(type=int, required=True, help="length of the stream"),
+            segment=dict(type=int, default=20000, help="tokens per reported perplexity"),
+            seed=dict(type=int, default=0, help="seed of the document draws"),
         ),
-        *common,
-        lengths=dict(default="4096,8192,16384,32768", help="prompt lengths, comma-separated"),
-        samples=dict(type=int, default=20, help="prompts per length, keys spread over depths"),
-        depths=dict(type=int, default=5, help="number of evenly spread key depths"),
-        top_k_middle=dict(type=int, default=5, help="K middle keys per head for the top-k method"),
-        top_k_from_layer=dict(type=int, default=0, help="first layer that sees them"),
-        top_k_distance=dict(type=int, help="distance they are scored at (default: L // 2)"),
-        seed=dict(type=int, default=0, help="seed of the keys"),
-    )
-    cli.add_flags(
-        cli.subcommand(
-            sub, "plot", "draw several `ppl --json` results on one perplexity-by-position plot"
+        passkey: dict(
+            lengths=dict(default="4096,8192,16384,32768", help="prompt lengths, comma-separated"),
+            samples=dict(type=int, default=20, help="prompts per length, keys spread over depths"),
+            depths=dict(type=int, default=5, help="number of evenly spread key depths"),
+            top_k_middle=dict(type=int, default=5, help="K middle keys per head (top-k method)"),
+            top_k_from_layer=dict(type=int, default=0, help="first layer that sees them"),
+            top_k_distance=dict(type=int, help="distance they are scored at (default: L // 2)"),
+            seed=dict(type=int, default=0, help="seed of the keys"),
         ),
+    }
+    for command, flags in own.items():
+        cli.add_flags(cli.subcommand(sub, command.__name__, command.__doc__), *common, **flags)
+    cli.add_flags(
+        cli.subcommand(sub, "plot", plot.__doc__),
         out=dict(required=True, help="PNG file to write"),
         title=dict(default="perplexity by position", help="plot title"),
     ).add_argument("results", nargs="+", help="JSON files written by `ppl --json`")

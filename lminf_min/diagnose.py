@@ -12,7 +12,6 @@ to 2-D, in the window and past it (Factor 3).
 
 import dataclasses
 import math
-import sys
 
 import numpy as np
 import torch
@@ -20,10 +19,10 @@ from tqdm import tqdm
 
 from lminf_min import cli, model
 from lminf_min.config import LambdaConfig, UserError
-from lminf_min.mask import lambda_mask
-from lminf_min.tokenizer import Tokenizer
+from lminf_min.mask import effective_distance, lambda_mask
 
 ROWS = 48  # query positions the logits command samples, evenly spread
+COLOURS = ("#d1492e", "#3b75af")  # vanilla, LM-Infinite
 
 
 def row_logits(q, k, rows, theta, lam):
@@ -41,9 +40,8 @@ def row_logits(q, k, rows, theta, lam):
     for g in range(min(lam.n_global, S) if lam else 0):
         far = rows - g > lam.d_max  # (n,)
         if far.any():
-            q_at = model.rope(
-                q[:, far].float(), model.rope_angles(lam.d_max + g - rows[far], hd, theta)
-            )
+            back = model.rope_angles(lam.d_max + g - rows[far], hd, theta)
+            q_at = model.rope(q[:, far].float(), back)
             s[:, far, g] = (q_at * k[:, g, None]).sum(-1) / math.sqrt(hd)
     return s.masked_fill(~lambda_mask(i, j, lam), -math.inf)
 
@@ -55,60 +53,55 @@ def entropy(logits):
     return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
 
 
-def read(ckpt, text, tokens, device, dtype, least):
-    """(config, weights, token ids (T,) on the device) of the first `tokens` tokens of the text."""
+def read(ckpt, text, tokens, device, dtype, n_global, n_local, d_max, least):
+    """(config, weights, token ids (T,) on the device, LambdaConfig) from the model, text and Λ
+    flags: the first `tokens` tokens of the text, which must hold at least `least`."""
     if tokens < least:
         raise UserError(f"--tokens is {tokens}; this diagnosis needs at least {least}")
-    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(text))[:tokens]
+    _, cfg, w, device, _, ids = cli.load_text(ckpt, device, dtype, text, tokens)
     if len(ids) < least:
-        raise UserError(
-            f"{text} holds only {len(ids)} tokens; this diagnosis needs at least {least}"
-        )
-    return cfg, w, torch.tensor(ids, device=device)
+        raise UserError(f"{text} holds {len(ids)} tokens; this diagnosis needs at least {least}")
+    lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
+    return cfg, w, torch.tensor(ids, device=device), lam
 
 
-@torch.inference_mode()
+def spread(a, b, n):
+    """At most n positions spread evenly over a..b - 1, both ends included."""
+    return np.unique(np.linspace(a, b - 1, min(n, b - a)).round().astype(int))
+
+
 def probe_runs(cfg, w, ids, lam, groups, take):
     """For vanilla and LM-Infinite: one forward pass over ids, calling take(run, lam, layer, rows,
     logits) for each layer and each group of query positions (lam None: vanilla)."""
     name = f"LM-Infinite G={lam.n_global} L={lam.n_local} D={lam.d_max}"
     for run, run_lam in (("vanilla", None), (name, lam)):
-        bar = tqdm(
-            total=cfg.num_hidden_layers, desc=run.split(" ")[0], unit="layer", file=sys.stderr
-        )
+        with tqdm(total=cfg.num_hidden_layers, desc=run.split()[0], unit="layer") as bar:
 
-        def probe(layer, q, k, a):
-            for rows in groups:
-                rows = torch.tensor(rows, device=q.device)
-                logits = row_logits(
-                    q[:, rows], k[:, : int(rows[-1]) + 1], rows, cfg.rope_theta, run_lam
-                )
-                take(run, layer, rows, logits)
-            bar.update()
+            def probe(layer, q, k, a):
+                for rows in groups:
+                    rows = torch.tensor(rows, device=q.device)
+                    keys = k[:, : int(rows[-1]) + 1]
+                    logits = row_logits(q[:, rows], keys, rows, cfg.rope_theta, run_lam)
+                    take(run, run_lam, layer, rows, logits)
+                bar.update()
 
-        model.forward(w, cfg, ids, lam=run_lam, hidden_only=True, probe=probe)
-        bar.close()
+            model.forward(w, cfg, ids, lam=run_lam, hidden_only=True, probe=probe)
 
 
-def entropy_cmd(
-    ckpt, text, tokens, bucket, queries, n_global, n_local, d_max, device, dtype, png, json_out
-):
-    cli.writable(json_out, text, ckpt)
-    cli.writable(png, text, ckpt, json_out)
+def entropy_cmd(bucket, queries, png, json_out, **flags):
+    """attention entropy per layer by position bucket, vanilla vs LM-Infinite
+
+    flags: read's model, text and Λ flags.
+    """
     if not 1 <= queries <= bucket:
         raise UserError(f"--queries is {queries}; it must be from 1 to --bucket ({bucket})")
-    cfg, w, ids = read(ckpt, text, tokens, device, dtype, least=bucket)
-    lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
+    cfg, w, ids, lam = read(**flags, least=bucket)
     # `queries` positions evenly spread over each whole bucket [start, start + bucket)
     starts = range(0, len(ids) - bucket + 1, bucket)
-    groups = [
-        np.unique(np.linspace(a, a + bucket - 1, queries).round().astype(int)).tolist()
-        for a in starts
-    ]
+    groups = [spread(a, a + bucket, queries).tolist() for a in starts]
     found = {}  # run -> layer -> mean entropy (over heads and the bucket's queries) per bucket
 
-    def take(run, layer, rows, logits):
+    def take(run, run_lam, layer, rows, logits):
         found.setdefault(run, {}).setdefault(layer, []).append(float(entropy(logits).mean()))
 
     probe_runs(cfg, w, ids, lam, groups, take)
@@ -135,120 +128,92 @@ def entropy_cmd(
 
 def plot_entropy(axes, result):
     centre = [(a + b) / 2 for a, b in result["buckets"]]
-    inside, colours = result["in_window_bucket"], {"vanilla": "#d1492e"}
+    inside = result["in_window_bucket"]
     (a, b), (c, d) = result["buckets"][inside], result["buckets"][-1]
-    for run, per_layer in result["entropy"].items():
-        e, colour = np.array(per_layer), colours.get(run, "#3b75af")  # (layers, buckets)
+    dots = dict(lw=2, marker="o", ms=3)
+    for (run, per_layer), colour in zip(result["entropy"].items(), COLOURS):
+        e = np.array(per_layer)  # (layers, buckets)
         change, mean = e - e[:, [inside]], e.mean(0)
         gain = mean[-1] - mean[inside]
         label = f"{run}: {mean[-1]:.2f} at {c}-{d - 1} vs {mean[inside]:.2f} ({gain:+.2f})"
-        axes[0].plot(centre, mean, color=colour, lw=2, marker="o", ms=3, label=label)
+        axes[0].plot(centre, mean, color=colour, **dots, label=label)
         axes[1].plot(centre, change.T, color=colour, lw=0.5, alpha=0.3)
-        axes[1].plot(
-            centre, change.mean(0), color=colour, lw=2, marker="o", ms=3, label=f"{run}: mean"
-        )
-    axes[0].axhline(
-        result["bound_ln_G_plus_L"],
-        color="k",
-        ls="--",
-        lw=1,
-        label="ln(G + L): most a Λ row can reach",
-    )
+        axes[1].plot(centre, change.mean(0), color=colour, **dots, label=f"{run}: mean")
+    bound = "ln(G + L): most a Λ row can reach"
+    axes[0].axhline(result["bound_ln_G_plus_L"], color="k", ls="--", lw=1, label=bound)
     axes[1].axhline(0, color="k", lw=0.5)
+    queries = len(result["queries"][-1])
+    axes[0].set_title(f"Attention entropy, mean of layers, heads, {queries} queries a bucket")
+    axes[1].set_title(f"Change from each layer's level at {a}-{b - 1} (thin: layers)")
     for ax in axes:
         ax.axvline(result["window"], color="gray", ls=":", lw=1, label=f"L = {result['window']}")
-        ax.set(xlabel="query position (bucket centre)")
-    queries = len(result["queries"][-1])
-    axes[0].set(
-        ylabel="nats", title=f"Attention entropy, mean of layers, heads, {queries} queries a bucket"
-    )
-    axes[1].set(
-        ylabel="nats", title=f"Change from each layer's level at {a}-{b - 1} (thin: layers)"
-    )
+        ax.set(xlabel="query position (bucket centre)", ylabel="nats")
 
 
-def logits_cmd(ckpt, text, tokens, n_global, n_local, d_max, device, dtype, png, json_out):
-    cli.writable(json_out, text, ckpt)
-    cli.writable(png, text, ckpt, json_out)
-    cfg, w, ids = read(ckpt, text, tokens, device, dtype, least=ROWS)
-    lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
+def logits_cmd(png, json_out, **flags):
+    """largest attention logit against relative distance (the logit explosion)
+
+    flags: read's model, text and Λ flags.
+    """
+    cfg, w, ids, lam = read(**flags, least=ROWS)
     rows = np.linspace(len(ids) / ROWS, len(ids) - 1, ROWS).astype(int).tolist()
     # distance buckets [edges[b], edges[b + 1])
     edges = np.unique(np.geomspace(1, len(ids), 40).astype(int))
     found = {}  # run -> largest logit per distance bucket
 
-    def take(run, layer, rows, logits):
-        best = found.setdefault(run, np.full(len(edges), -np.inf))
+    def take(run, run_lam, layer, rows, logits):
+        best = found.setdefault(run, np.full(len(edges) - 1, -np.inf))
         top = logits.amax(0).cpu().numpy()  # (n, S): largest over heads
-        distance = rows.cpu().numpy()[:, None] - np.arange(top.shape[1])[None, :]
         # the distance RoPE sees
-        distance = distance if run == "vanilla" else np.minimum(distance, lam.d_max)
+        distance = effective_distance(rows.cpu().numpy()[:, None], np.arange(top.shape[1]), run_lam)
         for b in range(len(edges) - 1):
-            part = top[(distance >= edges[b]) & (distance < edges[b + 1])]
-            if len(part):
-                best[b] = max(best[b], part.max())
+            best[b] = top[(distance >= edges[b]) & (distance < edges[b + 1])].max(initial=best[b])
 
     probe_runs(cfg, w, ids, lam, [rows], take)
+    logit = lambda x: None if math.isinf(x) else float(x)  # None: no pair that far
     result = {
         "distance_from": edges[:-1].tolist(),
         "distance_to": edges[1:].tolist(),
         "window": lam.n_local,
-        "largest_logit": {
-            run: [None if math.isinf(x) else float(x) for x in best[:-1]]
-            for run, best in found.items()
-        },
+        "largest_logit": {run: [logit(x) for x in best] for run, best in found.items()},
     }
-    for run, best in result["largest_logit"].items():
-        found = [
-            (x, d < lam.n_local) for x, d in zip(best, result["distance_from"]) if x is not None
-        ]
-        largest = lambda inside: max([x for x, i in found if i == inside], default=None)
-        print(f"{run}: largest logit within the window {largest(True)}, beyond it {largest(False)}")
+    near = edges[:-1] < lam.n_local
+    for run, best in found.items():
+        within, beyond = (logit(best[part].max(initial=-np.inf)) for part in (near, ~near))
+        print(f"{run}: largest logit within the window {within}, beyond it {beyond}")
     save(result, json_out, png, plot_logits)
 
 
 def plot_logits(ax, result):
     centre = [(a * b) ** 0.5 for a, b in zip(result["distance_from"], result["distance_to"])]
-    for (run, best), color in zip(result["largest_logit"].items(), ("#d1492e", "#3b75af")):
+    for (run, best), color in zip(result["largest_logit"].items(), COLOURS):
         pts = [(c, x) for c, x in zip(centre, best) if x is not None]
         ax.plot(*zip(*pts), marker="o", ms=3, color=color, label=run)
     ax.axvline(result["window"], color="gray", ls=":", lw=1, label=f"L = {result['window']}")
-    ax.set(
-        xscale="log",
-        xlabel="relative distance i - j (log scale)",
-        ylabel="largest attention logit (any layer, head, sampled query)",
-        title="Attention logits against distance",
-    )
+    ax.set(xscale="log", title="Attention logits against distance")
+    ax.set_xlabel("relative distance i - j (log scale)")
+    ax.set_ylabel("largest attention logit (any layer, head, sampled query)")
 
 
-@torch.inference_mode()
-def pca_cmd(
-    ckpt, text, tokens, layer, points, n_global, n_local, d_max, device, dtype, png, json_out
-):
-    cli.writable(json_out, text, ckpt)
-    cli.writable(png, text, ckpt, json_out)
-    cfg, w, ids = read(ckpt, text, tokens, device, dtype, least=1)
-    lam = LambdaConfig.for_model(cfg, n_global, n_local, d_max)
+def pca_cmd(layer, points, png, json_out, **flags):
+    """one layer's attention outputs in 2-D: in the window, past it (3 runs)
+
+    flags: read's model, text and Λ flags.
+    """
+    cfg, w, ids, lam = read(**flags, least=1)
+    G, L, T = lam.n_global, lam.n_local, len(ids)
     layer = cfg.num_hidden_layers // 2 if layer is None else layer
-    if (
-        not 0 <= layer < cfg.num_hidden_layers
-        or len(ids) <= lam.n_local
-        or not 1 <= lam.n_global <= lam.n_local - 3
-        or points < 1
-    ):
+    if not (0 <= layer < cfg.num_hidden_layers and 1 <= G <= L - 3 and points >= 1 and T > L):
         raise UserError(
             f"pca needs --layer in 0..{cfg.num_hidden_layers - 1}, 1 <= G <= L - 3, --points >= 1 "
-            f"and a text longer than L = {lam.n_local} tokens (it has {len(ids)}); change those"
+            f"and a text longer than L = {L} tokens (it has {T}); change those"
         )
-    runs = {
-        "vanilla": None,
-        "LM-Infinite": lam,
-        "window only (G=0)": dataclasses.replace(lam, n_global=0),
-    }
+    window_only = dataclasses.replace(lam, n_global=0)
+    runs = {"vanilla": None, "LM-Infinite": lam, "window only (G=0)": window_only}
     outputs = {}  # run -> (T, H*hd) attention outputs of the layer
     # no need to run the layers after it
     upto = dataclasses.replace(cfg, num_hidden_layers=layer + 1)
-    for run, run_lam in tqdm(runs.items(), desc=f"layer {layer}", unit="run", file=sys.stderr):
+    for run, run_lam in tqdm(runs.items(), desc=f"layer {layer}", unit="run"):
 
         def keep(n, q, k, a):
             if n == layer:
@@ -256,23 +221,24 @@ def pca_cmd(
 
         model.forward(w, upto, ids, lam=run_lam, hidden_only=True, probe=keep)
     # fitted on the positions inside the window past the starting tokens, where all three agree
-    G, L = lam.n_global, lam.n_local
     fit = outputs["vanilla"][G:L]
     centre = fit.mean(0)
-    axes = np.linalg.svd(fit - centre, full_matrices=False)[2][:2]  # (2, H*hd): the top components
-    usual = np.linalg.norm(fit - centre, axis=1).mean()  # the window's own distance from it
-    pick = lambda a, b: np.unique(np.linspace(a, b - 1, min(points, b - a)).round().astype(int))
+    centred = fit - centre
+    axes = np.linalg.svd(centred, full_matrices=False)[2][:2]  # (2, H*hd): the top components
+    usual = np.linalg.norm(centred, axis=1).mean()  # the window's own distance from it
+    past = spread(L, T, points)
     groups = {
-        f"in the window ({G}..{L - 1})": ("vanilla", pick(G, L)),
-        **{f"past L ({L}..{len(ids) - 1}): {run}": (run, pick(L, len(ids))) for run in runs},
+        f"in the window ({G}..{L - 1})": ("vanilla", spread(G, L, points)),
+        **{f"past L ({L}..{T - 1}): {run}": (run, past) for run in runs},
         f"starting tokens (0..{G - 1})": ("vanilla", np.arange(G)),
     }
-    explained = ((fit - centre) @ axes.T).var(0).sum() / ((fit - centre) ** 2).sum(1).mean()
+    explained = (centred @ axes.T).var(0).sum() / (centred**2).sum(1).mean()
     result = {"layer": layer, "window": L, "explained": float(explained), "groups": {}}
     for name, (run, at) in groups.items():
-        xy = (outputs[run][at] - centre) @ axes.T  # (n, 2)
-        away = float(np.linalg.norm(outputs[run][at] - centre, axis=1).mean() / usual)
-        result["groups"][name] = {"positions": at.tolist(), "xy": xy.tolist(), "distance": away}
+        moved = outputs[run][at] - centre  # (n, H*hd)
+        away = float(np.linalg.norm(moved, axis=1).mean() / usual)
+        xy = (moved @ axes.T).tolist()  # (n, 2)
+        result["groups"][name] = {"positions": at.tolist(), "xy": xy, "distance": away}
         print(
             f"{name}: {len(at)} tokens, mean distance from the window's centre {away:.2f} "
             "(1 = the window's own, all dimensions)"
@@ -281,23 +247,13 @@ def pca_cmd(
 
 
 def plot_pca(ax, result):
-    styles = ["#bbbbbb", "#d1492e", "#3b75af", "#e8a33d", "k"]  # window, 3 runs, starting tokens
+    styles = ["#bbbbbb", *COLOURS, "#e8a33d", "k"]  # window, the 3 runs past L, starting tokens
     for (name, g), colour in zip(result["groups"].items(), styles):
-        x, y = np.array(g["xy"]).T
-        big = name.startswith("starting")
-        ax.scatter(
-            x,
-            y,
-            s=40 if big else 4,
-            c=colour,
-            marker="*" if big else "o",
-            label=f"{name}: {g['distance']:.2f}",
-        )
-    ax.set(
-        xlabel="first principal component (fitted on the window)",
-        ylabel="second principal component",
-        title=f"Layer {result['layer']} attention outputs in 2-D (PCA fitted on the window)",
-    )
+        star = dict(s=40, marker="*") if name.startswith("starting") else dict(s=4, marker="o")
+        ax.scatter(*np.array(g["xy"]).T, c=colour, label=f"{name}: {g['distance']:.2f}", **star)
+    ax.set_xlabel("first principal component (fitted on the window)")
+    ax.set_ylabel("second principal component")
+    ax.set_title(f"Layer {result['layer']} attention outputs in 2-D (PCA fitted on the window)")
     ax.legend(title="mean distance from the window's centre (window = 1)", fontsize=7)
 
 
@@ -305,14 +261,12 @@ def save(result, json_out, png, draw, panels=1):
     if json_out:
         cli.write_json(json_out, result)
     if png:
-        import matplotlib
+        from matplotlib.figure import Figure  # not pyplot: no window, no global state
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), squeeze=False)
-        draw(axes[0] if panels > 1 else axes[0, 0], result)
-        for ax in axes[0]:
+        fig = Figure(figsize=(7 * panels, 4.5))
+        axes = fig.subplots(1, panels, squeeze=False)[0]
+        draw(axes if panels > 1 else axes[0], result)
+        for ax in axes:
             ax.grid(True, alpha=0.3)
             if ax.get_legend() is None:  # unless draw() made its own
                 ax.legend(fontsize=7)
@@ -321,6 +275,7 @@ def save(result, json_out, png, draw, panels=1):
         print(f"wrote {png}")
 
 
+@torch.inference_mode()  # nothing here trains
 def main(argv=None):
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -328,34 +283,28 @@ def main(argv=None):
     text = dict(required=True, help="UTF-8 text to read")
     png = dict(help="draw the plot into this PNG")
     tokens = lambda n, what: dict(type=int, default=n, help=f"read the first N tokens ({what})")
-    commands = {  # name -> (what it shows, its own flags)
-        "entropy": (
-            "attention entropy per layer by position bucket, vanilla vs LM-Infinite",
-            dict(
-                tokens=tokens(32768, "one pass each"),
-                bucket=dict(type=int, default=2048, help="positions per bucket"),
-                queries=dict(type=int, default=256, help="queries averaged per bucket, evenly"),
-            ),
+    own = {  # each command's own flags
+        "entropy": dict(
+            tokens=tokens(32768, "one pass each"),
+            bucket=dict(type=int, default=2048, help="positions per bucket"),
+            queries=dict(type=int, default=256, help="queries averaged per bucket, evenly"),
         ),
-        "logits": (
-            "largest attention logit against relative distance (the logit explosion)",
-            dict(tokens=tokens(12288, "one pass each")),
-        ),
-        "pca": (
-            "one layer's attention outputs in 2-D: in the window, past it (3 runs)",
-            dict(
-                tokens=tokens(12288, "more than L"),
-                layer=dict(
-                    type=int, help="the layer whose attention outputs are drawn (default: middle)"
-                ),
-                points=dict(type=int, default=1000, help="tokens drawn per group, evenly spread"),
-            ),
+        "logits": dict(tokens=tokens(12288, "one pass each")),
+        "pca": dict(
+            tokens=tokens(12288, "more than L"),
+            layer=dict(type=int, help="the layer whose outputs are drawn (default: middle)"),
+            points=dict(type=int, default=1000, help="tokens drawn per group, evenly spread"),
         ),
     }
-    for name, (what, own) in commands.items():
-        cli.add_flags(cli.subcommand(sub, name, what), *common, text=text, **own, png=png)
+    commands = {"entropy": entropy_cmd, "logits": logits_cmd, "pca": pca_cmd}
+    for name, command in commands.items():
+        what = command.__doc__.split("\n\n")[0]  # its docstring's first paragraph: what it shows
+        cli.add_flags(cli.subcommand(sub, name, what), *common, text=text, **own[name], png=png)
     args = cli.parse(parser, argv)
-    {"entropy": entropy_cmd, "logits": logits_cmd, "pca": pca_cmd}[args.pop("command")](**args)
+    # the outputs checked now, not after the model has run
+    cli.writable(args["json_out"], args["text"], args["ckpt"])
+    cli.writable(args["png"], args["text"], args["ckpt"], args["json_out"])
+    commands[args.pop("command")](**args)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,9 @@ docs/solutions.py.
 import argparse
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import math
-import sys
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -76,37 +75,53 @@ def top_k_middle(logits, i, n_global, n_local, k):
 
 # ---- running an answer on the default model ----
 
+BOTCHAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "botchan.txt"
+FLAGS = {  # the runner's own flags, beside --n-global, --n-local and --ckpt (cli.FLAGS)
+    "text": dict(default=str(BOTCHAN), help="the text to score"),
+    "tokens": dict(type=int, default=256, help="tokens of the text to score"),
+    "answers": dict(help="a file to take the answers from instead (e.g. docs/solutions.py)"),
+    "flex": dict(action="store_true", help="mask exercises at full length: compiled FlexAttention"),
+    "png": dict(help="draw your answer beside the reference's into this PNG"),
+}
+
 
 def window(G, L):
     """LM-Infinite's settings for a run: G starting tokens, a window of L, d_max = L."""
     return LambdaConfig(G, L, L)
 
 
-# name -> (what it changes, make(ex, T, G, L): mask(i, j, lam) or distance(i, j, lam),
-#          what your run is, {what each run beside it is: its attention, None = full})
+def table(distances):
+    """A (T, T) array of distances as a function of positions (i, j, lam), the form
+    reference.forward takes."""
+    return lambda i, j, lam: distances[i, j]
+
+
+# name -> (what it changes, make(f, T, G, L): your function f as the run uses it, a mask(i, j, lam),
+#          distances(i, j, lam) or counts (T,); what your run is, {what each run beside it is: its
+#          attention, None = full})
 RUNS = {
     "window_mask": (
         "mask",
-        lambda ex, T, G, L: lambda i, j, lam: ex.window_mask(i, j, L),
+        lambda f, T, G, L: lambda i, j, lam: f(i, j, L),
         "your window alone (L={L}, no starting tokens)",
         lambda G, L: {f"the Λ mask, the same window plus G={G} starting tokens": window(G, L)},
     ),
     "lambda_mask": (
         "mask",
-        lambda ex, T, G, L: lambda i, j, lam: ex.lambda_mask(i, j, G, L),
+        lambda f, T, G, L: lambda i, j, lam: f(i, j, G, L),
         "your Λ mask (G={G}, L={L})",
         lambda G, L: {f"the window alone (G=0, L={L})": window(0, L)},
     ),
-    "keys_seen": ("count", lambda ex, T, G, L: ex.keys_seen(np.arange(T), G, L), "", None),
+    "keys_seen": ("count", lambda f, T, G, L: np.broadcast_to(f(np.arange(T), G, L), T), "", None),
     "streaming_distance": (
         "distance",
-        lambda ex, T, G, L: table(ex.streaming_distance(T, G, L)),
+        lambda f, T, G, L: table(f(T, G, L)),
         "the Λ mask (G={G}, L={L}) at your StreamingLLM distances",
         lambda G, L: {f"LM-Infinite's true distances, capped at d_max={L}": window(G, L)},
     ),
     "dilated_mask": (
         "mask",
-        lambda ex, T, G, L: lambda i, j, lam: ex.dilated_mask(i, j, G, L // 2, 2),
+        lambda f, T, G, L: lambda i, j, lam: f(i, j, G, L // 2, 2),
         "your dilated window (stride 2: {half} keys spread over {L} positions, plus G={G})",
         lambda G, L: {
             f"a plain window of the same {L // 2} keys (plus G={G})": window(G, L // 2),
@@ -115,7 +130,7 @@ RUNS = {
     ),
     "capped_distance": (
         "distance",
-        lambda ex, T, G, L: table(ex.capped_distance(T, L // 4)),
+        lambda f, T, G, L: table(f(T, L // 4)),
         "the Λ mask (G={G}, L={L}) with every distance capped at {quarter}",
         lambda G, L: {f"LM-Infinite: distances capped at d_max = L = {L}": window(G, L)},
     ),
@@ -127,43 +142,31 @@ RUNS = {
 PICTURES = {
     "window_mask": lambda G, L: ("the answer: the window alone", window(0, L)),
     "lambda_mask": lambda G, L: ("the answer: the Λ mask", window(G, L)),
+    "keys_seen": lambda G, L: ("the answer: rows of the Λ mask", window(G, L)),
     "streaming_distance": lambda G, L: ("to compare: LM-Infinite's distances", window(G, L)),
     "dilated_mask": lambda G, L: (f"to compare: a plain window of {L // 2}", window(G, L // 2)),
     "capped_distance": lambda G, L: (f"the answer: capped at {L // 4}", LambdaConfig(G, L, L // 4)),
 }
 
 
-def table(distances):
-    """A (T, T) array of distances as a function of positions (i, j, lam), the form
-    reference.forward takes."""
-    return lambda i, j, lam: distances[i, j]
-
-
-def perplexity(
-    cfg, weights, ids, lam, mask=definition.lambda_mask, distance=definition.effective_distance
-):
-    """Perplexity of ids under the NumPy forward pass with attention lam (None: full), its mask or
-    distances replaced."""
-    logits = reference.forward(weights, cfg, ids[:-1], lam, mask=mask, distance=distance)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-    return math.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
-
-
-def flex_perplexity(cfg, weights, ids, lam, mask=definition.lambda_mask):
-    """Perplexity of ids under the torch model in one pass, `mask` as the mask_mod of compiled
-    FlexAttention."""
-    ids = torch.tensor(ids)
-    # (T, C)
-    hidden = model.forward(weights, cfg, ids, lam=lam, hidden_only=True, backend=model.Flex(mask))
-    nll = []
+def perplexity(cfg, weights, ids, lam, flex, **change):
+    """Perplexity of ids with attention lam (None: full), its mask or distances replaced (change:
+    mask= or distance=, as reference.forward takes them): under the NumPy forward pass, or with flex
+    under the torch model in one pass, the mask as the mask_mod of compiled FlexAttention."""
+    if not flex:
+        return math.exp(nll(reference.forward(weights, cfg, ids[:-1], lam, **change), ids).mean())
+    backend = model.Flex(**change)
+    hidden = model.forward(weights, cfg, torch.tensor(ids), lam, hidden_only=True, backend=backend)
     # logits 1,024 rows at a time: (T, V) at once would be GBs
-    for a in range(0, len(ids) - 1, 1024):
-        logp = torch.log_softmax(
-            model.lm_head(weights, cfg, hidden[a : min(a + 1024, len(ids) - 1)]), -1
-        )
-        nll.append(-logp.gather(1, ids[a + 1 : a + 1 + len(logp), None])[:, 0])
-    return math.exp(torch.cat(nll).double().mean())
+    rows = range(0, len(ids) - 1, 1024)
+    nlls = [nll(model.lm_head(weights, cfg, hidden[a : a + 1024]), ids[a : a + 1025]) for a in rows]
+    return math.exp(torch.cat(nlls).double().mean())
+
+
+def nll(logits, ids):
+    """-log p (T,) of each next token: logits (T, V) or more rows, ids (T + 1,)."""
+    logp = torch.log_softmax(torch.as_tensor(logits[: len(ids) - 1]), -1)
+    return -logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
 def remembered(score, ckpt, ids, lam, flex):
@@ -187,22 +190,29 @@ def remembered(score, ckpt, ids, lam, flex):
     return known[key]
 
 
-def draw(path, yours, reference, n):
-    """Your mask (blue: visible, grey: masked), distances or counts beside the reference's, over the
-    first n positions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def draw(path, name, kind, yours, G, L, n):
+    """Your mask (blue: visible, grey: masked), distances or counts beside the reference's
+    (PICTURES), over the first n positions."""
     from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
-    for ax, (title, a) in zip(axes, (yours, reference)):
+    title, ref = PICTURES[name](G, L)
+    i, j, lam = np.arange(n)[:, None], np.arange(n)[None, :], window(G, L)
+    if kind == "count":  # the keys in each row of the Λ mask
+        pictures = yours[:n], definition.lambda_mask(i, j, ref).sum(1)
+    elif kind == "mask":
+        pictures = yours(i, j, lam), definition.lambda_mask(i, j, ref)
+    else:  # distances where the Λ mask lets a pair through
+        visible = definition.lambda_mask(i, j, lam)
+        pictures = yours(i, j, lam) * visible, definition.effective_distance(i, j, ref) * visible
+    titles = f"yours: {name}", f"{title} (G={ref.n_global}, L={ref.n_local})"
+    fig = Figure(figsize=(11, 5.5))
+    for ax, title, a in zip(fig.subplots(1, 2), titles, map(np.asarray, pictures)):
         if a.ndim == 1:  # keys per query
-            ax.plot(a[:n], marker=".")
+            ax.plot(a, marker=".")
             ax.set(xlabel="query position i", ylabel="keys seen m(i)", title=title)
             continue
-        shown = np.where(np.tril(np.ones((n, n), bool)), a[:n, :n].astype(float), np.nan)
+        shown = np.where(np.tril(np.ones((n, n), bool)), a.astype(float), np.nan)
         colours = ListedColormap(["#dddddd", "#3b75af"]) if a.dtype == bool else "viridis"
         image = ax.imshow(shown, cmap=colours, vmin=0)
         if a.dtype != bool:
@@ -213,142 +223,69 @@ def draw(path, yours, reference, n):
     print(f"wrote {path}")
 
 
-def answers(path):
-    """The module of answers in `path` (a .py file like docs/solutions.py), or a clear error."""
-    spec = importlib.util.spec_from_file_location("answers", path)
-    if spec is None:
-        raise UserError(f"--answers {path} is not a .py file; give one like docs/solutions.py")
-    module = importlib.util.module_from_spec(spec)
+def answer(name, path):
+    """Your function `name` and the file it is in: this one, or `path` (a .py file like
+    docs/solutions.py); a clear error if there is none."""
+    if path and (not path.endswith(".py") or not Path(path).is_file()):
+        raise UserError(f"--answers {path}: no such .py file; give one like docs/solutions.py")
     try:
-        spec.loader.exec_module(module)
+        functions = runpy.run_path(path) if path else globals()
     except Exception as e:  # a syntax error, a failing import, ...: the student's file
         raise UserError(
             f"--answers {path} does not run ({type(e).__name__}: {e}); fix it"
         ) from None
-    return module
+    if name not in functions:
+        raise UserError(f"{path} has no function {name}; add it")
+    return functions[name], functions["__file__"]
 
 
 def main(argv=None):
-    p = cli.Parser(
-        prog="python -m lminf_min.exercises",
-        description="Run an exercise's answer on the default model: perplexity of the first "
-        "--tokens tokens of a text with your change, beside the runs it should be compared with "
-        "(the NumPy reference forward pass: exact, slow, so keep it short; those other runs are "
-        "kept in the cache folder after their first time). With --flex, a mask exercise runs "
-        "instead as the mask_mod of the torch model's compiled FlexAttention, at full length "
-        "(e.g. --tokens 16384 --n-global 10 --n-local 8192). The checks in "
-        "tests/test_exercises.py, not these figures, say whether an answer is right.",
-    )
+    p = cli.add_flags(cli.parser(__doc__), "--n-global", "--n-local", "--ckpt", **FLAGS)
     p.add_argument("command", choices=["run"])
     p.add_argument("exercise", choices=list(RUNS))
-    p.add_argument(
-        "--text",
-        default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "botchan.txt"),
-        help="the text to score (default: ../shared/data/botchan.txt beside the repository)",
-    )
-    p.add_argument("--tokens", type=int, default=256, help="tokens of the text to score")
-    cli.add_flags(p, "--n-global", "--n-local")
     p.set_defaults(n_global=4, n_local=32)  # a small window (and d_max): a short text leaves it
-    p.add_argument(
-        "--answers",
-        default=None,
-        help="a file to take the answers from instead (e.g. docs/solutions.py)",
-    )
-    p.add_argument(
-        "--flex",
-        action="store_true",
-        help="mask exercises: through the torch model's compiled FlexAttention (minutes at 16k "
-        "tokens on 2 cores)",
-    )
-    p.add_argument("--png", help="draw your answer beside the reference's into this PNG")
-    cli.add_flags(p, "--ckpt")
     a = argparse.Namespace(**cli.parse(p, argv))
-    from lminf_min.tokenizer import Tokenizer
-
-    if a.tokens < 2 or a.n_global < 0 or a.n_local < 4:
-        raise UserError(
-            "--tokens must be at least 2, --n-global at least 0 and --n-local at least 4"
-        )
-    if a.answers and not Path(a.answers).is_file():
-        raise UserError(
-            f"--answers {a.answers}: no such file; give the path of a .py file like "
-            "docs/solutions.py"
-        )
+    name, G, L, T = a.exercise, a.n_global, a.n_local, a.tokens
+    if T < 2 or G < 0 or L < 4:
+        raise UserError("--tokens must be >= 2, --n-global >= 0 and --n-local >= 4")
+    kind, make, label, beside = RUNS[name]
+    if a.flex and kind != "mask":
+        raise UserError(f"--flex runs mask exercises only; run {name} without it")
     cli.writable(a.png, a.text, a.answers)
-    what, make, label, beside = RUNS[a.exercise]
-    if a.flex and what != "mask":
-        raise UserError(
-            f"--flex runs mask exercises only; {a.exercise} is not a mask: run it without --flex"
-        )
-    ex = answers(a.answers) if a.answers else sys.modules[__name__]
-    G, L, T = a.n_global, a.n_local, a.tokens
+    f, where = answer(name, a.answers)
     try:  # your function, on a small grid first: NotImplementedError shows up here
-        small = make(ex, 4, G, L)
-        if what == "mask":
+        small = make(f, 4, G, L)
+        if kind == "mask":
             small(np.arange(4)[:, None], np.arange(4)[None, :], window(G, L))
     except NotImplementedError:
         raise UserError(
-            f"{a.exercise} is not written yet: replace its `raise NotImplementedError` in "
-            f"{ex.__file__}"
+            f"{name} is not written yet: replace its `raise NotImplementedError` in {where}"
         ) from None
-    except AttributeError:
-        raise UserError(f"{ex.__file__} has no function {a.exercise}; add it") from None
-    if what == "count":
+    if kind == "count":
         cli.fits(32 * T, "cpu", f"--tokens {T}: counting keys", "use fewer tokens")
-        return count(np.asarray(make(ex, T, G, L)), T, G, L, a.png)
-    ckpt, cfg, w, _ = cli.load_model(a.ckpt, "cpu", "float32")
-    ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(a.text))[:T]
-    # the NumPy pass holds every query rotated for every key: (H, T, T, hd) float64, and a copy
-    need = 2 * cfg.num_attention_heads * len(ids) ** 2 * cfg.head_dim * 8
-    if not a.flex:
-        what_needs = f"--tokens {T}: the NumPy pass over {len(ids)} tokens"
-        cli.fits(need, "cpu", what_needs, "use fewer tokens, or --flex (masks)")
-    change = make(ex, len(ids), G, L)
-    runs = beside(G, L) if a.flex else beside(G, L) | {"full attention": None}
-    if a.flex:
-        score = lambda lam, mask=definition.lambda_mask: flex_perplexity(cfg, w, ids, lam, mask)
-        yours = score(window(G, L), change)
-    else:
-        arrays = {name: t.numpy() for name, t in w.items()}
-        score = lambda lam, **kw: perplexity(cfg, arrays, np.array(ids), lam, **kw)
-        yours = score(window(G, L), **{what: change})
-    theirs = {run: remembered(score, ckpt, ids, lam, a.flex) for run, lam in runs.items()}
-    engine = "torch FlexAttention" if a.flex else "the NumPy reference"
-    print(f"{len(ids)} tokens of {Path(a.text).name}, perplexity ({engine}):")
-    print(f"  {yours:8.2f}  {label.format(G=G, L=L, half=L // 2, quarter=L // 4)}")
-    for run, ppl in theirs.items():
-        print(f"  {ppl:8.2f}  {run}")
-    if a.png:  # the first 64 positions of yours, beside the answer (or what to compare with)
-        n = min(len(ids), 64)
-        i, j, lam = np.arange(n)[:, None], np.arange(n)[None, :], window(G, L)
-        title, ref = PICTURES[a.exercise](G, L)
-        if what == "mask":
-            pictures = change(i, j, lam), definition.lambda_mask(i, j, ref)
-        else:  # distances where the Λ mask lets a pair through
-            visible = definition.lambda_mask(i, j, lam)
-            pictures = (
-                change(i, j, lam) * visible,
-                definition.effective_distance(i, j, ref) * visible,
-            )
-        names = (f"yours: {a.exercise}", f"{title} (G={ref.n_global}, L={ref.n_local})")
-        draw(a.png, *zip(names, map(np.asarray, pictures)), n)
-
-
-def count(m, T, G, L, png):
-    """What keys_seen says about the cost: (query, key) pairs the Λ mask keeps, against full
-    attention's."""
-    pairs, full = int(np.broadcast_to(m, (T,)).sum()), T * (T + 1) // 2
-    print(
-        f"{T} queries, G={G}, L={L}: your m(i) sums to {pairs} (query, key) pairs, against {full} "
-        f"for full attention: {pairs / full:.4f} of the work"
-    )
-    if png:  # the first 256 queries: the keys in each row of the Λ mask beside your count
-        i = np.arange(min(T, 256))
-        reference = definition.lambda_mask(i[:, None], i[None, :], window(G, L)).sum(1)
-        yours = np.broadcast_to(m, (T,))[: len(i)]
-        draw(
-            png, ("yours: keys_seen", yours), ("the answer: rows of the Λ mask", reference), len(i)
+        change = make(f, T, G, L)
+        pairs, full = int(change.sum()), T * (T + 1) // 2
+        print(
+            f"{T} queries, G={G}, L={L}: your m(i) sums to {pairs} (query, key) pairs, against "
+            f"{full} for full attention: {pairs / full:.4f} of the work"
         )
+    else:
+        ckpt, cfg, w, _, _, ids = cli.load_text(a.ckpt, "cpu", "float32", a.text, T)
+        T = len(ids)
+        if not a.flex:  # the NumPy pass holds every query rotated for every key: (H, T, T, hd)
+            need = 2 * cfg.num_attention_heads * T**2 * cfg.head_dim * 8  # float64, and a copy
+            what = f"--tokens {a.tokens}: the NumPy pass over {T} tokens"
+            cli.fits(need, "cpu", what, "use fewer tokens, or --flex (masks)")
+        change = make(f, T, G, L)
+        score = lambda lam, **change: perplexity(cfg, w, ids, lam, a.flex, **change)
+        yours = score(window(G, L), **{kind: change})
+        engine = "torch FlexAttention" if a.flex else "the NumPy reference"
+        print(f"{T} tokens of {Path(a.text).name}, perplexity ({engine}):")
+        print(f"  {yours:8.2f}  {label.format(G=G, L=L, half=L // 2, quarter=L // 4)}")
+        for run, lam in (beside(G, L) | ({} if a.flex else {"full attention": None})).items():
+            print(f"  {remembered(score, ckpt, ids, lam, a.flex):8.2f}  {run}")
+    if a.png:  # the first positions of yours, beside the answer (or what to compare with)
+        draw(a.png, name, kind, change, G, L, min(T, 256 if kind == "count" else 64))
 
 
 if __name__ == "__main__":

@@ -20,22 +20,8 @@ from lminf_min.tokenizer import Tokenizer
 
 
 @torch.inference_mode()
-def main(
-    ckpt,
-    prompt,
-    max_new_tokens,
-    temperature,
-    seed,
-    device,
-    dtype,
-    vanilla,
-    n_global,
-    n_local,
-    d_max,
-    top_k_middle,
-    top_k_from_layer,
-    top_k_distance,
-):
+def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla, **knobs):
+    """knobs: the flags of LambdaConfig.for_model (G, L, D and the top-k middle tokens)."""
     if max_new_tokens < 0:
         raise UserError(f"--max-new-tokens is {max_new_tokens}; it must be 0 or more")
     if temperature != 0 and not temperature >= 1e-4:
@@ -43,24 +29,19 @@ def main(
             f"--temperature is {temperature}; it must be 0 (greedy) or at least 0.0001 (below "
             "that, sampling is greedy anyway)"
         )
-    if vanilla and top_k_middle:
+    top_k = knobs.pop("top_k_middle")
+    if vanilla and top_k:
         raise UserError("--top-k-middle is part of LM-Infinite; drop --vanilla or --top-k-middle")
     text = cli.read_prompt(prompt)
     ckpt, cfg, weights, device = cli.load_model(ckpt, device, dtype)
     tok = Tokenizer(ckpt, cfg.vocab_size)
     ids = tok.encode(text)
-    lam = (
-        None
-        if vanilla
-        else LambdaConfig.for_model(
-            cfg, n_global, n_local, d_max, top_k_middle, top_k_from_layer, top_k_distance
-        )
-    )
+    lam = None if vanilla else LambdaConfig.for_model(cfg, top_k=top_k, **knobs)
     if lam is None and len(ids) > cfg.max_position_embeddings:
+        trained = f"the {cfg.max_position_embeddings} this model was trained on"
         print(
-            f"warning: the prompt has {len(ids)} tokens, more than the "
-            f"{cfg.max_position_embeddings} this model was "
-            "trained on; full attention degrades past that length (drop --vanilla for LM-Infinite)",
+            f"warning: the prompt has {len(ids)} tokens, more than {trained}; full attention "
+            "degrades past that length (drop --vanilla for LM-Infinite)",
             file=sys.stderr,
         )
     cache = caches.new_cache(cfg, lam)
@@ -73,15 +54,14 @@ def main(
     generator = torch.Generator().manual_seed(seed)
     # Λ attention: FlexAttention on CUDA, the block loop on CPU
     backend = model.pick_backend(device)
-    cache_is_bounded = isinstance(cache, caches.LambdaCache)
     t0 = time.perf_counter()
     logits = prefill(weights, cfg, torch.tensor(ids, device=device), cache, lam, backend)
     t1 = time.perf_counter()
     out, printed = [], ""
     for _ in range(max_new_tokens):
-        # padding rows past the vocabulary never win
         if not torch.isfinite(logits).all():
             raise UserError(f"inf or NaN logits after {len(out)} tokens; try --dtype float32")
+        # padding rows past the vocabulary never win
         next_id = sample(logits[: tok.vocab_size], temperature, generator)
         if next_id == cfg.eos_token_id:
             break
@@ -96,8 +76,9 @@ def main(
             weights, cfg, torch.tensor(next_id, device=device), cache, lam, backend
         )
     t2 = time.perf_counter()
-    print(file=sys.stdout)
-    kind = f"bounded: G+L = {lam.n_global}+{lam.n_local} positions" if cache_is_bounded else "full"
+    print()
+    bounded = isinstance(cache, caches.LambdaCache)
+    kind = f"bounded: G+L = {lam.n_global}+{lam.n_local} positions" if bounded else "full"
     print(
         f"prompt {len(ids)} tokens, prefill {len(ids) / (t1 - t0):.0f} tokens/s; generated "
         f"{len(out)} tokens, {len(out) / max(t2 - t1, 1e-9):.1f} tokens/s; KV cache "
@@ -113,6 +94,7 @@ if __name__ == "__main__":
         parser,
         *cli.MODEL,
         *cli.LAMBDA,
+        *cli.TOP_K,
         prompt=dict(required=True, help="text file whose contents the model continues"),
         max_new_tokens=dict(
             type=int, default=128, help="tokens to generate (stops at end-of-text)"
@@ -120,13 +102,5 @@ if __name__ == "__main__":
         temperature=dict(type=float, default=0.0, help="sampling temperature; 0 = greedy (argmax)"),
         seed=dict(type=int, default=0, help="random seed for sampling"),
         vanilla=dict(action="store_true", help="full attention and a growing cache instead"),
-        top_k_middle=dict(
-            type=int,
-            default=0,
-            help="paper §4: each generated token also attends, per head, to the K middle tokens "
-            "with the largest logits (for retrieval); keeps the whole cache (no eviction)",
-        ),
-        top_k_from_layer=dict(type=int, default=0, help="first layer using top-k middle tokens"),
-        top_k_distance=dict(type=int, help="distance they are scored at (default: L // 2)"),
     )
     cli.run(lambda: main(**cli.parse(parser)))()

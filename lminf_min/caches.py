@@ -29,19 +29,13 @@ class KVCache:
     def update(self, layer, k, v):
         """Append this chunk's (H_kv, T, hd) keys/values; return all keys, values (H_kv, S, hd) and
         their positions (S,)."""
-        start, T = self.length, k.shape[1]
-        if self.k[layer] is None or start + T > self.k[layer].shape[1]:
-            capacity = max(2 * (start + T), 256)
-            self.k[layer], self.v[layer] = (
-                _grown(self.k[layer], k, start, capacity),
-                _grown(self.v[layer], v, start, capacity),
-            )
-        self.k[layer][:, start : start + T], self.v[layer][:, start : start + T] = k, v
-        return (
-            self.k[layer][:, : start + T],
-            self.v[layer][:, : start + T],
-            torch.arange(start + T, device=k.device),
-        )
+        start, end = self.length, self.length + k.shape[1]
+        if self.k[layer] is None or end > self.k[layer].shape[1]:
+            self.k[layer] = _grown(self.k[layer], k, start, capacity=max(2 * end, 256))
+            self.v[layer] = _grown(self.v[layer], v, start, capacity=max(2 * end, 256))
+        self.k[layer][:, start:end] = k
+        self.v[layer][:, start:end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end], torch.arange(end, device=k.device)
 
     def begin(self, T, lam):
         """Before a chunk of T tokens: its first position and the origin keys are rotated from
@@ -111,10 +105,8 @@ class LambdaCache:
         # slots fill in order (slot = position) until the ring first wraps
         filled = min(self.length, n)
         if self.k[layer] is None:
-            self.k[layer], self.v[layer] = (
-                k.new_zeros(k.shape[0], n, k.shape[2]),
-                v.new_zeros(v.shape[0], n, v.shape[2]),
-            )
+            self.k[layer] = k.new_zeros(k.shape[0], n, k.shape[2])
+            self.v[layer] = v.new_zeros(v.shape[0], n, v.shape[2])
         self.pos = self.pos.to(k.device)
         positions = torch.arange(self.length, self.length + T, device=k.device)
         keep = self.kept(positions)

@@ -18,6 +18,7 @@ import torch
 
 from . import interrupted
 from .config import UserError
+from .tokenizer import Tokenizer
 
 DEVICES, DTYPES = ["auto", "cpu", "cuda"], ["float32", "bfloat16", "float16"]
 FLAGS = {  # flag -> argparse keywords, for every command that takes it
@@ -31,10 +32,19 @@ FLAGS = {  # flag -> argparse keywords, for every command that takes it
         "length the model was trained on)",
     ),
     "--d-max": dict(type=int, help="D: largest distance ever scored, >= L - 1 (unset: L)"),
+    "--top-k-middle": dict(
+        type=int,
+        default=0,
+        help="paper §4: each generated token also attends, per head, to the K middle tokens with "
+        "the largest logits (for retrieval); keeps the whole cache (no eviction)",
+    ),
+    "--top-k-from-layer": dict(type=int, default=0, help="first layer using top-k middle tokens"),
+    "--top-k-distance": dict(type=int, help="distance they are scored at (default: L // 2)"),
     "--json": dict(dest="json_out", help="write the result as JSON here"),
 }
 MODEL = ("--ckpt", "--device", "--dtype")  # the flags load_model takes
 LAMBDA = ("--n-global", "--n-local", "--d-max")  # LM-Infinite's knobs, LambdaConfig.for_model's
+TOP_K = ("--top-k-middle", "--top-k-from-layer", "--top-k-distance")  # and its paper §4 option
 
 
 class Parser(argparse.ArgumentParser):
@@ -63,6 +73,8 @@ def add_flags(parser, *common, **own):
     return parser
 
 
+# what a full disk, a read-only folder or a missing permission raises (stdout included)
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES)
 LARGEST = 10**15  # no count, length or distance a command takes is larger (positions are int64)
 
 
@@ -116,15 +128,8 @@ def run(main):
         except BrokenPipeError:  # the output was piped into e.g. `head`, which stopped reading
             sys.stderr.close()
             sys.exit(0)
-        except OSError as e:  # a full disk, a read-only folder, ... (stdout included)
-            if e.errno not in (
-                errno.ENOSPC,
-                errno.EDQUOT,
-                errno.EFBIG,
-                errno.EIO,
-                errno.EROFS,
-                errno.EACCES,
-            ):
+        except OSError as e:
+            if e.errno not in DISK_ERRORS:
                 raise
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # drop what is left
             where = e.filename or "the output"
@@ -144,30 +149,29 @@ def run(main):
 def read_prompt(path):
     """The prompt file's text; a clear error if it is missing, empty, binary or not UTF-8."""
     path = Path(path)
+    problem = lambda what, fix: UserError(f"prompt file {path} {what}; {fix}")
     if not path.is_file():
-        raise UserError(f"prompt file {path} not found; pass --prompt with the path of a text file")
+        raise problem("not found", "pass --prompt with the path of a text file")
     # its text and token ids take several times the file's size
-    free, need = (available_memory(), 4 * path.stat().st_size)
+    free, need = available_memory(), 4 * path.stat().st_size
     if free is not None and need > free:
-        raise UserError(
-            f"prompt file {path} needs about {need / 2**30:.1f} GiB of memory to read and "
-            f"tokenize, more than the {free / 2**30:.1f} GiB available; split it into smaller files"
+        raise problem(
+            f"needs about {need / 2**30:.1f} GiB of memory to read and tokenize, more than the "
+            f"{free / 2**30:.1f} GiB available",
+            "split it into smaller files",
         )
     data = path.read_bytes()
     if b"\0" in data:
-        raise UserError(
-            f"prompt file {path} looks binary (it contains NUL bytes); pass a text file"
-        )
+        raise problem("looks binary (it contains NUL bytes)", "pass a text file")
     try:
-        # line endings as Python's text mode reads them
-        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n").removeprefix("\ufeff")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(
-            f"prompt file {path} is not UTF-8 (byte {e.start}); convert it, e.g. with iconv -t "
-            "utf-8"
-        ) from None
+        fix = "convert it, e.g. with iconv -t utf-8"
+        raise problem(f"is not UTF-8 (byte {e.start})", fix) from None
+    # line endings as Python's text mode reads them; a byte-order mark is not text
+    text = text.replace("\r\n", "\n").replace("\r", "\n").removeprefix("\ufeff")
     if not text.strip():
-        raise UserError(f"prompt file {path} is empty; write some text in it")
+        raise problem("is empty", "write some text in it")
     return text
 
 
@@ -212,6 +216,14 @@ def load_model(ckpt, device, dtype):
     ckpt = Path(ckpt) if ckpt else ckpts.default_checkpoint()
     cfg, weights = ckpts.load_checkpoint(ckpt, device=device, dtype=getattr(torch, dtype))
     return ckpt, cfg, weights, device
+
+
+def load_text(ckpt, device, dtype, text, tokens=None):
+    """load_model's (checkpoint dir, config, weights, device), then the checkpoint's tokenizer and
+    the ids of the first `tokens` tokens of a text file (all of them if None)."""
+    ckpt, cfg, weights, device = load_model(ckpt, device, dtype)
+    tok = Tokenizer(ckpt, cfg.vocab_size)
+    return ckpt, cfg, weights, device, tok, tok.encode(read_prompt(text))[:tokens]
 
 
 def peak_memory_mb(device):

@@ -30,13 +30,11 @@ class LlamaConfig:
     def from_dict(cls, d: dict) -> "LlamaConfig":
         """Validate a parsed config.json; refuse anything this forward pass does not compute."""
         if not isinstance(d, dict):
-            raise UserError(
-                "config.json: expected a JSON object; fix the file or re-convert the checkpoint"
-            )
+            refuse("expected a JSON object", "fix the file or re-convert the checkpoint")
         if d.get("model_type", "llama") != "llama":
-            raise UserError(
-                f"config.json: model_type {d['model_type']!r} is not supported; only "
-                "Llama-architecture checkpoints are"
+            refuse(
+                f"model_type {d['model_type']!r} is not supported",
+                "only Llama-architecture checkpoints are",
             )
         unsupported = {  # key -> the only value we compute correctly
             "rope_scaling": None,
@@ -46,56 +44,51 @@ class LlamaConfig:
         }
         for key, ok in unsupported.items():
             if key in d and d[key] != ok:
-                raise UserError(
-                    f"config.json: {key}={d[key]!r} is not supported (only {ok!r}); use a plain "
-                    "Llama checkpoint"
+                refuse(
+                    f"{key}={d[key]!r} is not supported (only {ok!r})",
+                    "use a plain Llama checkpoint",
                 )
         d = dict(d)
         rope = d.get("rope_parameters")  # transformers >= 5 nests rope_theta here
         if rope is not None:
             if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
-                raise UserError(
-                    f"config.json: rope_parameters={rope!r} is not supported (only rope_type "
-                    "'default'); use a checkpoint without RoPE scaling"
+                refuse(
+                    f"rope_parameters={rope!r} is not supported (only rope_type 'default')",
+                    "use a checkpoint without RoPE scaling",
                 )
             d.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
-        if (
-            "head_dim" not in d
-            and isinstance(d.get("hidden_size"), int)
-            and isinstance(d.get("num_attention_heads"), int)
-            and d["num_attention_heads"] > 0
-        ):
-            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
-        d.setdefault("num_key_value_heads", d.get("num_attention_heads"))
+        heads, hidden = d.get("num_attention_heads"), d.get("hidden_size")
+        if "head_dim" not in d and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+            d["head_dim"] = hidden // heads
+        d.setdefault("num_key_value_heads", heads)
         # some configs list several; the first one ends generation
         if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = d["eos_token_id"][0] if d["eos_token_id"] else None
         kwargs = {}
         for f in fields(cls):
-            if f.name not in d:
-                if f.default is MISSING:
-                    raise UserError(
-                        f"config.json: missing field {f.name!r}; add it or re-convert the "
-                        "checkpoint"
-                    )
-                continue
-            kwargs[f.name] = _checked(f.name, d[f.name], f.type)
+            if f.name in d:
+                kwargs[f.name] = _checked(f.name, d[f.name], f.type)
+            elif f.default is MISSING:
+                refuse(f"missing field {f.name!r}", "add it or re-convert the checkpoint")
         cfg = cls(**kwargs)
         if cfg.num_hidden_layers > 10_000:  # its tensor names are listed before any file is read
-            raise UserError(
-                f"config.json: num_hidden_layers={cfg.num_hidden_layers}, more than any Llama has "
-                "(10,000 at most here); fix config.json"
+            refuse(
+                f"num_hidden_layers={cfg.num_hidden_layers}, more than any Llama has (10,000 at "
+                "most here)"
             )
         if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise UserError(
-                f"config.json: num_attention_heads={cfg.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={cfg.num_key_value_heads}; fix config.json"
+            refuse(
+                f"num_attention_heads={cfg.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={cfg.num_key_value_heads}"
             )
         if cfg.head_dim % 2:
-            raise UserError(
-                f"config.json: head_dim={cfg.head_dim} must be even for RoPE; fix config.json"
-            )
+            refuse(f"head_dim={cfg.head_dim} must be even for RoPE")
         return cfg
+
+
+def refuse(problem, fix="fix config.json"):
+    """A config.json that cannot be used: one line naming the problem and the fix."""
+    raise UserError(f"config.json: {problem}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -125,19 +118,14 @@ class LambdaConfig:
         """The paper's defaults: G = 10, L = D = the length the model was trained on; no top-k
         middle tokens."""
         n_local = cfg.max_position_embeddings if n_local is None else n_local
+        d_max = n_local if d_max is None else d_max
+        top_k_distance = n_local // 2 if top_k_distance is None else top_k_distance
         if top_k and top_k_from_layer >= cfg.num_hidden_layers:
             raise UserError(
                 f"top_k_from_layer (--top-k-from-layer) is {top_k_from_layer}; the model has "
                 f"{cfg.num_hidden_layers} layers (0..{cfg.num_hidden_layers - 1})"
             )
-        return cls(
-            n_global,
-            n_local,
-            n_local if d_max is None else d_max,
-            top_k,
-            top_k_from_layer,
-            n_local // 2 if top_k_distance is None else top_k_distance,
-        )
+        return cls(n_global, n_local, d_max, top_k, top_k_from_layer, top_k_distance)
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -161,7 +149,5 @@ def _checked(name, value, type_):
         ok = value is None or (number and isinstance(value, int) and value >= 0)
         want = "a token id or null"
     if not ok:
-        raise UserError(
-            f"config.json: field {name!r} is {value!r}, expected {want}; fix config.json"
-        )
+        refuse(f"field {name!r} is {value!r}, expected {want}")
     return float(value) if type_ is float else value

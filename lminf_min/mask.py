@@ -61,17 +61,10 @@ def draw(T, lam, path):
     from matplotlib.colors import ListedColormap
 
     fig, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow(
-        mask_codes(T, lam),
-        cmap=ListedColormap(["#f4f4f4", "#3b75af", "#d1492e", "#8fb4d9"]),
-        vmin=0,
-        vmax=3,
-    )
-    ax.set(
-        xlabel="key position j",
-        ylabel="query position i",
-        title=f"Λ mask: G={lam.n_global} starting tokens (red), window L={lam.n_local} (blue)",
-    )
+    colours = ListedColormap(["#f4f4f4", "#3b75af", "#d1492e", "#8fb4d9"])  # as mask_codes
+    ax.imshow(mask_codes(T, lam), cmap=colours, vmin=0, vmax=3)
+    title = f"Λ mask: G={lam.n_global} starting tokens (red), window L={lam.n_local} (blue)"
+    ax.set(xlabel="key position j", ylabel="query position i", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")  # the name as given
 

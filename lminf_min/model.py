@@ -27,10 +27,8 @@ def rms_norm(x, weight, eps):
 
 def rope_angles(positions, head_dim, theta):
     """Angle of each frequency pair at each position, in float64. (T, hd/2)"""
-    inv_freq = theta ** (
-        -torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim
-    )
-    return positions.double()[:, None] * inv_freq[None, :]
+    f2 = torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device)  # 2f
+    return positions.double()[:, None] * theta ** (-f2 / head_dim)
 
 
 def rope(x, angles):
@@ -55,19 +53,17 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, middle=Fal
     middle: one decoding query that also sees the lam.top_k middle keys with the largest logits
     (paper §4), always through blocks, which merges them into the same softmax.
     """
-    if lam is not None and lam.d_max < lam.n_local - 1:
+    if lam is None:
+        return causal_attention(q, k, v)
+    if lam.d_max < lam.n_local - 1:
         raise UserError(
             f"d_max={lam.d_max} < n_local - 1 = {lam.n_local - 1} would cap distances inside the "
             "window; the fast path does not do that: use lminf_min.reference.attention, or d_max "
             ">= n_local - 1"
         )
-    if lam is not None:
-        return (
-            blocks(q, k, v, theta, lam, q_pos, k_pos, middle)
-            if middle or backend is None
-            else backend(q, k, v, theta, lam, q_pos, k_pos)
-        )
-    return causal_attention(q, k, v)
+    if middle or backend is None:
+        return blocks(q, k, v, theta, lam, q_pos, k_pos, middle)
+    return backend(q, k, v, theta, lam, q_pos, k_pos)
 
 
 def causal_attention(q, k, v, cpu_kernel=True):
@@ -76,15 +72,12 @@ def causal_attention(q, k, v, cpu_kernel=True):
     H, T, S = q.shape[0], q.shape[1], k.shape[1]
     # the whole sequence, one new token, or not on CPU
     if T == S or T == 1 or not (cpu_kernel and q.device.type == "cpu"):
-        mask = (
-            None
-            if T == S or T == 1
-            else torch.arange(S, device=q.device)
-            <= torch.arange(T, device=q.device)[:, None] + (S - T)
-        )
-        return F.scaled_dot_product_attention(
+        i = torch.arange(S - T, S, device=q.device)[:, None]  # the queries' positions
+        mask = None if T in (1, S) else torch.arange(S, device=q.device) <= i
+        out = F.scaled_dot_product_attention(
             q[None], k[None], v[None], attn_mask=mask, is_causal=T == S, enable_gqa=True
-        )[0]
+        )
+        return out[0]
     # On CPU, a chunk after P = S - T cached keys is cheaper as two calls without a mask: every
     # query sees all cached keys, and its own chunk's keys causally; merged() joins the two
     # softmaxes into one.
@@ -111,8 +104,8 @@ class Flex:
     score_mod is the distance limit, the paper's way: a starting key j < G farther than d_max is
     scored from a small (H, T, g) table, the query rotated to d_max against the key rotated back to
     0. Every other visible key is scored at its true distance, so a mask must not show one farther
-    than d_max (the Λ mask never
-    does: d_max >= L - 1). Grouped-query heads share keys through enable_gqa, no copy.
+    than d_max (the Λ mask never does: d_max >= L - 1). Grouped-query heads share keys through
+    enable_gqa, no copy.
     compiled: torch.compile the call and the block mask (needed for long inputs: compiled,
     create_block_mask never materialises the (T, S) mask).
     dynamic: passed to torch.compile. None on CUDA (prefill chunks meet a growing number of keys);
@@ -139,9 +132,8 @@ class Flex:
             q_far = rope(q, rope_angles(lam.d_max - q_pos, hd, theta)).view(-1, n, T, hd)
             # rotated back to 0
             k_start = rope(k[:, is_start], rope_angles(-k_pos[is_start], hd, theta))
-            table = (q_far.float() @ k_start.float()[:, None].transpose(-1, -2)).view(
-                H, T, -1
-            ) / math.sqrt(hd)
+            logits = q_far.float() @ k_start.float()[:, None].transpose(-1, -2)  # (H_kv, n, T, g)
+            table = logits.view(H, T, -1) / math.sqrt(hd)  # (H, T, g)
 
             def score_mod(score, b, h, qi, ki):
                 far = (k_pos[ki] < lam.n_global) & (q_pos[qi] - k_pos[ki] > lam.d_max)
@@ -201,6 +193,8 @@ def lambda_attention(
     # exactly d_max.
     q_far = rope(q, rope_angles(d_max - q_pos, hd, theta))
     k_start0 = rope(k_start, rope_angles(-jg[0], hd, theta))
+    # logits (H_kv, n, B, K) of grouped queries (H_kv, n, B, hd) over keys (H_kv, K, hd)
+    scores = lambda queries, keys: torch.einsum("knbd,kgd->knbg", queries, keys).float()
     # edges grow with the block: keep it well below L
     out, block = (torch.empty_like(q), min(most, max(64, L // 32)))
     for a in range(0, T, block):
@@ -213,29 +207,20 @@ def lambda_attention(
         # band keys only some see: at most 2·BLOCK - 2
         edge = (k_pos > i[0] - L) & (k_pos <= i[-1]) & ~full
         de = i - k_pos[edge]
-        edges = (
-            torch.einsum("knbd,kgd->knbg", qb, k[:, edge])
-            .float()
-            .masked_fill_((de < 0) | (de >= L), -math.inf)
-        )
+        edges = scores(qb, k[:, edge]).masked_fill_((de < 0) | (de >= L), -math.inf)
         # (H_kv, n, B, g)
         start = torch.where(
-            dg > d_max,
-            torch.einsum("knbd,kgd->knbg", grouped(q_far[:, a : a + B]), k_start0),
-            torch.einsum("knbd,kgd->knbg", qb, k_start),
-        ).float()
+            dg > d_max, scores(grouped(q_far[:, a : a + B]), k_start0), scores(qb, k_start)
+        )
         start.masked_fill_(dg < L, -math.inf)  # inside the window they are band keys
         # (logits (H_kv, n, B, *), values)
         groups = [(edges, v[:, edge][:, None]), (start, v_start[:, None])]
         groups += [top_k_middle(qb, k, v, theta, lam, int(i), k_pos)] if middle else []
-        band = (
-            [attend(q[:, a : a + B], keys_at(k, full), keys_at(v, full), cpu_kernel)]
-            if full.any()
-            else []
-        )
-        out[:, a : a + B] = merged(
-            [(o.view(H_kv, n, B, hd), lse.view(H_kv, n, B)) for o, lse in band], groups
-        ).reshape(H, B, hd)
+        band = []
+        if full.any():
+            o, lse = attend(q[:, a : a + B], keys_at(k, full), keys_at(v, full), cpu_kernel)
+            band = [(o.view(H_kv, n, B, hd), lse.view(H_kv, n, B))]
+        out[:, a : a + B] = merged(band, groups).reshape(H, B, hd)
     return out
 
 
@@ -367,21 +352,15 @@ def forward(
         k_all, v, k_pos = cache.update(layer, k, v) if cache is not None else (k, v, q_pos)
         # paper §4: a decoding token also sees the top-k middle keys, in the layers asking for them
         middle = decoding and lam is not None and lam.top_k > 0 and layer >= lam.top_k_from_layer
-        # (T, H*hd)
-        a = (
-            attention(q, k_all, v, cfg.rope_theta, lam, q_pos, k_pos, middle, backend)
-            .transpose(0, 1)
-            .reshape(T, H * hd)
-        )
+        a = attention(q, k_all, v, cfg.rope_theta, lam, q_pos, k_pos, middle, backend)
+        a = a.transpose(0, 1).reshape(T, H * hd)  # (T, H*hd)
         if probe:
             probe(layer, q, k, a)
         x = x + a @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        x = (
-            x
-            + (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T))
-            @ w[p + "mlp.down_proj.weight"].T
-        )
+        gate = h @ w[p + "mlp.gate_proj.weight"].T  # (T, F)
+        up = h @ w[p + "mlp.up_proj.weight"].T  # (T, F)
+        x = x + (F.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T  # SwiGLU
     if cache is not None:
         cache.advance(T)
     x = rms_norm(x[-1:] if last_only else x, w["model.norm.weight"], cfg.rms_norm_eps)
@@ -390,9 +369,5 @@ def forward(
 
 def lm_head(weights, cfg: LlamaConfig, x):
     """Logits (T, V), float32, from final hidden states (T, C)."""
-    head = (
-        weights["model.embed_tokens.weight"]
-        if cfg.tie_word_embeddings
-        else weights["lm_head.weight"]
-    )
-    return (x @ head.T).float()
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    return (x @ weights[head].T).float()

@@ -76,9 +76,8 @@ def attention_weights(
         mid_scores = np.where(middle, q_mid @ k.transpose(0, 2, 1) / np.sqrt(hd), -np.inf)
         for h in range(H):
             for r in top_k_rows:
-                chosen = np.argsort(-mid_scores[h, r], kind="stable")[
-                    : min(lam.top_k, middle[r].sum())
-                ]
+                top = np.argsort(-mid_scores[h, r], kind="stable")  # largest first, ties by j
+                chosen = top[: min(lam.top_k, middle[r].sum())]
                 visible[h, r, chosen], scores[h, r, chosen] = True, mid_scores[h, r, chosen]
     return softmax(np.where(visible, scores, -np.inf))
 
@@ -126,17 +125,11 @@ def forward(
         # (H_kv, T, hd)
         v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(T, H_kv, hd).transpose(1, 0, 2)
         k, v = repeat_kv(k, H // H_kv), repeat_kv(v, H // H_kv)  # (H, T, hd)
-        rows = (
-            range(decoding_from, T)
-            if decoding_from is not None and lam.top_k and layer >= lam.top_k_from_layer
-            else ()
-        )
-        # (T, H*hd)
-        a = (
-            attention(q, k, v, cfg.rope_theta, lam, rows, mask, distance)
-            .transpose(1, 0, 2)
-            .reshape(T, H * hd)
-        )
+        rows = ()  # paper §4: generated tokens see top-k middle keys in the layers asking for them
+        if decoding_from is not None and lam.top_k and layer >= lam.top_k_from_layer:
+            rows = range(decoding_from, T)
+        a = attention(q, k, v, cfg.rope_theta, lam, rows, mask, distance)  # (H, T, hd)
+        a = a.transpose(1, 0, 2).reshape(T, H * hd)  # (T, H*hd)
         if probe:
             probe(layer, q, k, a)
         x = x + a @ w[p + "self_attn.o_proj.weight"].T

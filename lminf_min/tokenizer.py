@@ -13,6 +13,10 @@ class Tokenizer:
     def __init__(self, ckpt, rows=None):
         ckpt = Path(ckpt)
         json_path, sp_path = ckpt / "tokenizer.json", ckpt / "tokenizer.model"
+        if not json_path.is_file() and not sp_path.is_file():
+            raise UserError(
+                f"no tokenizer.json or tokenizer.model in {ckpt}; copy the model's tokenizer there"
+            )
         try:
             if json_path.is_file():
                 from tokenizers import Tokenizer as HFTokenizer
@@ -22,7 +26,7 @@ class Tokenizer:
                 self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
                 self.ids = lambda text: self.hf.encode(text).ids
                 self.decode = lambda ids: self.hf.decode(ids, skip_special_tokens=False)
-            elif sp_path.is_file():
+            else:
                 import sentencepiece
 
                 sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_path))
@@ -31,13 +35,6 @@ class Tokenizer:
                 bos = [sp.bos_id()] if sp.bos_id() >= 0 else []
                 self.ids = lambda text: bos + sp.encode(text)
                 self.decode = lambda ids: sp.decode(list(ids))
-            else:
-                raise UserError(
-                    f"no tokenizer.json or tokenizer.model in {ckpt}; copy the model's tokenizer "
-                    "there"
-                )
-        except UserError:
-            raise
         except Exception as e:  # both libraries raise their own exception types on a corrupt file
             raise UserError(
                 f"the tokenizer in {ckpt} could not be loaded ({type(e).__name__}: {e}); replace "

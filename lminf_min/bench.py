@@ -236,7 +236,7 @@ def stream(ckpt, tokens, chunk, json_out, device, dtype):
         end = min(start + step, tokens)
         t0 = clock()
         for a in range(start, end, chunk):
-            ids = torch.randint(0, cfg.vocab_size, (min(chunk, tokens - a),), generator=g)
+            ids = torch.randint(0, cfg.vocab_size, (min(chunk, end - a),), generator=g)
             model.forward(w, cfg, ids.to(device), lam, cache, last_only=True, backend=backend)
         speed = (end - start) / (clock() - t0)
         peak = round(cli.peak_memory_mb(device))

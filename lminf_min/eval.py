@@ -381,14 +381,15 @@ def main(argv=None):
             lengths=dict(default="4096,8192,16384,32768", help="prompt lengths, comma-separated"),
             samples=dict(type=int, default=20, help="prompts per length, keys spread over depths"),
             depths=dict(type=int, default=5, help="number of evenly spread key depths"),
-            top_k_middle=dict(type=int, default=5, help="K middle keys per head (top-k method)"),
-            top_k_from_layer=dict(type=int, default=0, help="first layer that sees them"),
-            top_k_distance=dict(type=int, help="distance they are scored at (default: L // 2)"),
             seed=dict(type=int, default=0, help="seed of the keys"),
         ),
     }
     for command, flags in own.items():
-        cli.add_flags(cli.subcommand(sub, command.__name__, command.__doc__), *common, **flags)
+        p = cli.subcommand(sub, command.__name__, command.__doc__)
+        top_k = cli.TOP_K if command is passkey else ()  # passkey compares with top-k
+        cli.add_flags(p, *common, *top_k, **flags)
+        if command is passkey:
+            p.set_defaults(top_k_middle=5)  # the top-k method needs some
     cli.add_flags(
         cli.subcommand(sub, "plot", plot.__doc__),
         out=dict(required=True, help="PNG file to write"),

@@ -12,6 +12,7 @@ import lminf_min  # noqa: F401  first: a Ctrl-C during the slow imports below en
 # isort: split
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -157,20 +158,20 @@ def read_tensor(f, name, shapes, loaded, device, dtype):
             f"unexpected tensor {name!r} (not part of a Llama model with this config.json); "
             "remove it or fix config.json"
         )
-    refuse = lambda problem, fix: UserError(f"tensor {name!r} {problem}; {fix}")
+    error = lambda problem, fix: UserError(f"tensor {name!r} {problem}; {fix}")
     # dtype and shape from the header: nothing is read before they check out
     header = f.get_slice(name)
     stored, shape = header.get_dtype(), tuple(header.get_shape())
     if stored not in ("F32", "F16", "BF16"):  # safetensors header names
-        raise refuse(f"has dtype {stored}, expected F32, F16 or BF16", "re-convert the checkpoint")
+        raise error(f"has dtype {stored}, expected F32, F16 or BF16", "re-convert the checkpoint")
     if shape != shapes[name]:
         fix = "fix config.json or the checkpoint"
-        raise refuse(f"has shape {shape}, config.json implies {shapes[name]}", fix)
+        raise error(f"has shape {shape}, config.json implies {shapes[name]}", fix)
     if name in loaded:
-        raise refuse("is in another *.safetensors file too", "remove the stale copy")
+        raise error("is in another *.safetensors file too", "remove the stale copy")
     tensor = f.get_tensor(name)
     if not torch.isfinite(tensor).all():
-        raise refuse("holds NaN or infinite values", "re-download or re-convert the checkpoint")
+        raise error("holds NaN or infinite values", "re-download or re-convert the checkpoint")
     tensor = tensor.to(device=device, dtype=dtype)
     # float16 is the one choice whose range is narrower than the files' dtypes
     if dtype == torch.float16 and not torch.isfinite(tensor).all():
@@ -278,27 +279,27 @@ def read_gguf(gguf_path):
     """(config.json fields, tokenizer, tensors by Hugging Face name) from a Llama GGUF file."""
     import gguf
 
-    def refuse(problem, fix="pass a Llama GGUF as llama.cpp writes it"):
+    def error(problem, fix="pass a Llama GGUF as llama.cpp writes it"):
         return UserError(f"{gguf_path}: {problem}; {fix}")
 
     try:
         reader = gguf.GGUFReader(str(gguf_path))
     except Exception as e:  # gguf raises ValueError, struct errors, ... on a bad file
-        raise refuse(f"not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise error(f"not a readable GGUF file ({type(e).__name__}: {e})") from None
     meta = {name: field.contents() for name, field in reader.fields.items()}
     vocabulary = meta.get("tokenizer.ggml.model")
     if vocabulary != "gpt2" or "tokenizer.ggml.merges" not in meta:
         fix = "only byte-level BPE ('gpt2') ones can be converted"
-        raise refuse(f"its vocabulary is {vocabulary!r}", fix)
+        raise error(f"its vocabulary is {vocabulary!r}", fix)
     try:
         config = gguf_config(meta, {t.name for t in reader.tensors})
         tokenizer, cfg = gguf_tokenizer(meta), LlamaConfig.from_dict(config)
     except KeyError as e:
-        raise refuse(f"lacks the required key {e.args[0]!r}") from None
+        raise error(f"lacks the required key {e.args[0]!r}") from None
     except (UserError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # wrong types, zero heads, a tokenizers panic on duplicate tokens
-        raise refuse(
+        raise error(
             f"its metadata does not describe a Llama model ({type(e).__name__}: {e})"
         ) from None
     shapes = expected_shapes(cfg)
@@ -307,9 +308,9 @@ def read_gguf(gguf_path):
     for t in reader.tensors:
         name, shape = names.get(t.name), tuple(int(n) for n in reversed(t.shape))
         if name is None:
-            raise refuse(f"tensor {t.name} has no place in a Llama model")
+            raise error(f"tensor {t.name} has no place in a Llama model")
         if shape != shapes[name]:
-            raise refuse(f"{t.name} has shape {shape}, its metadata implies {shapes[name]}")
+            raise error(f"{t.name} has shape {shape}, its metadata implies {shapes[name]}")
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
     tensors = {}
     for t in tqdm(reader.tensors, desc=f"dequantizing {gguf_path.name}", unit="tensor"):
@@ -317,7 +318,7 @@ def read_gguf(gguf_path):
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             problem = f"the gguf package cannot dequantize {t.tensor_type.name} tensors"
-            raise refuse(problem, "pick another quantization of the model") from None
+            raise error(problem, "pick another quantization of the model") from None
         name = names[t.name]
         w = np.ascontiguousarray(w.reshape(shapes[name]), dtype=np.float32)
         kind = name.split(".")[-2]
@@ -337,7 +338,7 @@ def convert_gguf(gguf_path, out, force=False):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=out.name + ".partial-", dir=out.parent) as tmp:
-            new, old = Path(tmp) / "new", Path(tmp) / "old"
+            new = Path(tmp) / "new"
             new.mkdir()
             (new / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             tokenizer.save(str(new / "tokenizer.json"))
@@ -345,15 +346,19 @@ def convert_gguf(gguf_path, out, force=False):
             save_file(tensors, str(new / "model.safetensors"), metadata=metadata)
             (new / MARK).write_text(f"converted from {gguf_path.name} by weights.py\n")
             replaceable(out, force)  # again: something may have appeared there meanwhile
-            # --force: the old one waits in `tmp`, deleted with it once the new one is in place
-            if out.exists():
-                os.rename(out, old)
+            if not out.exists():
+                os.rename(new, out)
+                return out
+            # --force: the old one moves aside (outside `tmp`, which is deleted whatever happens),
+            # and is deleted only once the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent)) / out.name
+            os.rename(out, old)
             try:
                 os.rename(new, out)
             except BaseException:
-                if old.exists():
-                    os.rename(old, out)  # the old one back in place
+                os.rename(old, out)  # the old one back in place
                 raise
+            shutil.rmtree(old.parent)
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror}); pick a writable --out") from None
     return out

@@ -43,10 +43,11 @@ def best_ms(fn, repeat=3, warm_up=True):
     return min(times)
 
 
-def report(title, rows, json_out, device, dtype, shown=None, **meta):
+def report(title, rows, json_out, device, dtype, shown=None, **extra):
     """Print rows (dicts), or `shown` (the rows as printed, where they differ), as a markdown table
-    under a title naming device, dtype, threads and date; write meta and rows as JSON."""
-    meta = {"device": device, "dtype": dtype, **meta, "threads": torch.get_num_threads()}
+    under a title naming device, dtype, threads, date and CPU; write those, `extra` and rows as
+    JSON."""
+    meta = {"device": device, "dtype": dtype, "threads": torch.get_num_threads()}
     meta |= {"date": str(date.today()), "cpu": platform.processor() or platform.machine()}
     print(f"{title} ({', '.join(f'{k} {v}' for k, v in meta.items())})")
     table = shown or rows
@@ -55,7 +56,7 @@ def report(title, rows, json_out, device, dtype, shown=None, **meta):
         cells = (f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values())
         print("| " + " | ".join(cells) + " |")
     if json_out:
-        cli.write_json(json_out, meta | {"rows": rows})
+        cli.write_json(json_out, meta | extra | {"rows": rows})
 
 
 def hf_model(ckpt, device, dtype):
@@ -200,14 +201,17 @@ def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     hf = hf_model(ckpt, device, dtype)
     lam = LambdaConfig.for_model(cfg, n_local=n_local)
-    token, backend, rows = torch.tensor([42], device=device), model.pick_backend(device), []
+    token = torch.tensor([42], device=device)
+    backend, rows = model.pick_backend(device), []
     kind = getattr(torch, dtype)
     for context in contexts:
         cache, full = filled_caches(cfg, lam, hf, context, device, kind)
-        step = lambda: generation.decode_one_token(w, cfg, token, cache, lam, backend)
-        ours_ms = best_ms(step, repeat=tokens)
-        step = lambda: hf(token[None], past_key_values=full, use_cache=True, logits_to_keep=1)
-        theirs_ms = best_ms(step, repeat=tokens)
+        ours_step = lambda: generation.decode_one_token(w, cfg, token, cache, lam, backend)
+        ours_ms = best_ms(ours_step, repeat=tokens)
+        theirs_step = lambda: hf(
+            token[None], past_key_values=full, use_cache=True, logits_to_keep=1
+        )
+        theirs_ms = best_ms(theirs_step, repeat=tokens)
         rows.append(
             {
                 "context": context,

@@ -55,8 +55,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser(doc):
-    """An argument parser described by the first paragraph of a module's docstring."""
-    return Parser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    """An argument parser described by the first paragraph of a module's docstring, named as the
+    command is typed (`python -m lminf_min.eval`, `generate.py`)."""
+    script = Path(sys.argv[0])
+    prog = f"python -m lminf_min.{script.stem}" if script.parent.name == "lminf_min" else None
+    return Parser(prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
 
 
 def subcommand(sub, name, what):
@@ -149,29 +152,29 @@ def run(main):
 def read_prompt(path):
     """The prompt file's text; a clear error if it is missing, empty, binary or not UTF-8."""
     path = Path(path)
-    problem = lambda what, fix: UserError(f"prompt file {path} {what}; {fix}")
+    error = lambda what, fix: UserError(f"prompt file {path} {what}; {fix}")
     if not path.is_file():
-        raise problem("not found", "pass --prompt with the path of a text file")
+        raise error("not found", "pass --prompt with the path of a text file")
     # its text and token ids take several times the file's size
     free, need = available_memory(), 4 * path.stat().st_size
     if free is not None and need > free:
-        raise problem(
+        raise error(
             f"needs about {need / 2**30:.1f} GiB of memory to read and tokenize, more than the "
             f"{free / 2**30:.1f} GiB available",
             "split it into smaller files",
         )
     data = path.read_bytes()
     if b"\0" in data:
-        raise problem("looks binary (it contains NUL bytes)", "pass a text file")
+        raise error("looks binary (it contains NUL bytes)", "pass a text file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         fix = "convert it, e.g. with iconv -t utf-8"
-        raise problem(f"is not UTF-8 (byte {e.start})", fix) from None
+        raise error(f"is not UTF-8 (byte {e.start})", fix) from None
     # line endings as Python's text mode reads them; a byte-order mark is not text
     text = text.replace("\r\n", "\n").replace("\r", "\n").removeprefix("\ufeff")
     if not text.strip():
-        raise problem("is empty", "write some text in it")
+        raise error("is empty", "write some text in it")
     return text
 
 

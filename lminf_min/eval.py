@@ -192,8 +192,9 @@ def ppl(ckpt, text, max_tokens, vanilla, bucket, json_out, plot, device, dtype, 
         raise UserError("--max-tokens must be at least 2 and --bucket at least 1")
     cli.writable(json_out, text, ckpt)
     cli.writable(plot, text, ckpt, json_out)
-    ckpt, cfg, w, device, _, ids = cli.load_text(ckpt, device, dtype, text, max_tokens)
-    lam = None if vanilla else LambdaConfig.for_model(cfg, **knobs)
+    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
+    lam = None if vanilla else LambdaConfig.for_model(cfg, **knobs)  # refused before the slow part
+    ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(text))[:max_tokens]
     if len(ids) < 2:
         raise UserError(f"{text} holds fewer than 2 tokens; perplexity needs a longer text")
     if len(ids) < max_tokens:
@@ -294,8 +295,8 @@ def passkey(ckpt, lengths, samples, depths, top_k_middle, seed, json_out, device
     rng = torch.Generator().manual_seed(seed)
     backend = model.pick_backend(device)
     vocab, n_question = tok.vocab_size, len(tok.encode(PASSKEY_QUESTION))
-    top_k = LambdaConfig.for_model(cfg, top_k=top_k_middle, **knobs)
-    lam = dataclasses.replace(top_k, top_k=0)  # LM-Infinite: the same without middle tokens
+    with_top_k = LambdaConfig.for_model(cfg, top_k=top_k_middle, **knobs)
+    lam = dataclasses.replace(with_top_k, top_k=0)  # LM-Infinite: the same without middle tokens
     top_k_name = f"LM-Infinite + top-{top_k_middle}"
     methods = ["vanilla", "LM-Infinite", top_k_name]
     passkey_prompt(tok, min(lengths), 0.5, "10000")  # a clear error for a length too short, now
@@ -306,7 +307,10 @@ def passkey(ckpt, lengths, samples, depths, top_k_middle, seed, json_out, device
         ids, key_at = passkey_prompt(tok, length, depth, key)
         ids = torch.tensor(ids, device=device)
         haystack, question = ids[:-n_question], ids[-n_question:]
-        answer = lambda cache, lam: greedy_answer(w, cfg, cache, question, lam, vocab, backend)
+
+        def answer(cache, attention):  # greedy answer to the question after this cache
+            return greedy_answer(w, cfg, cache, question, attention, vocab, backend)
+
         # a full cache, so that top-k can reuse LM-Infinite's haystack
         cache = caches.KVCache(cfg.num_hidden_layers)
         # inside the first window Λ attention is causal attention: shared
@@ -321,7 +325,7 @@ def passkey(ckpt, lengths, samples, depths, top_k_middle, seed, json_out, device
                 prefill(w, cfg, haystack[lam.n_local :], full)
             answers = {
                 "LM-Infinite": answer(copy.deepcopy(cache), lam),
-                top_k_name: answer(cache, top_k),
+                top_k_name: answer(cache, with_top_k),
                 "vanilla": answer(full, None),
             }
         prompt = dict(length=length, depth=depth, key_position=key_at, key=key)
@@ -337,7 +341,7 @@ def passkey(ckpt, lengths, samples, depths, top_k_middle, seed, json_out, device
         "checkpoint": str(ckpt),
         "device": device,
         "dtype": dtype,
-        "settings": dataclasses.asdict(top_k),
+        "settings": dataclasses.asdict(with_top_k),
         "samples": samples,
         "seed": seed,
     }

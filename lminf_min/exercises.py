@@ -1,5 +1,10 @@
 """Classroom exercises: write the change here, check it, then run it on the default model
-(docs/exercises.md).
+(docs/exercises.md). `run` prints the perplexity of the first --tokens tokens of a text with your
+change, beside the runs to compare it with, on the NumPy reference forward pass (exact and slow:
+keep it short; the other runs are kept in the cache folder after their first time), or, with
+--flex, a mask as the mask_mod of the torch model's compiled FlexAttention, at full length
+(e.g. --tokens 16384 --n-global 10 --n-local 8192). The checks in tests/test_exercises.py, not
+these figures, say whether an answer is right.
 
 Each function below is a question: replace its `raise NotImplementedError` with your answer. Then
 
@@ -261,6 +266,10 @@ def main(argv=None):
         raise UserError(
             f"{name} is not written yet: replace its `raise NotImplementedError` in {where}"
         ) from None
+    except Exception as e:  # a bug in your function: one line, as for a file that does not run
+        raise UserError(
+            f"{name} raised {type(e).__name__} ({e}) on a 4-token grid; fix it in {where}"
+        ) from None
     if kind == "count":
         cli.fits(32 * T, "cpu", f"--tokens {T}: counting keys", "use fewer tokens")
         change = make(f, T, G, L)
@@ -277,7 +286,7 @@ def main(argv=None):
             what = f"--tokens {a.tokens}: the NumPy pass over {T} tokens"
             cli.fits(need, "cpu", what, "use fewer tokens, or --flex (masks)")
         change = make(f, T, G, L)
-        score = lambda lam, **change: perplexity(cfg, w, ids, lam, a.flex, **change)
+        score = lambda lam, **replaced: perplexity(cfg, w, ids, lam, a.flex, **replaced)
         yours = score(window(G, L), **{kind: change})
         engine = "torch FlexAttention" if a.flex else "the NumPy reference"
         print(f"{T} tokens of {Path(a.text).name}, perplexity ({engine}):")

@@ -380,6 +380,7 @@ def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
         ("lminf_min.diagnose", ["entropy", "--text", "PROMPT", "--queries", "10000"], "--queries"),
         ("lminf_min.bench", ["stream", "--chunk", "0"], "--chunk is 0"),
         ("lminf_min.exercises", ["run", "window_mask", "--answers", "README"], "no such .py file"),
+        ("lminf_min.exercises", ["run", "window_mask", "--answers", "BUGGY"], "raised Attrib"),
         ("lminf_min.mask", ["--png", "NODIR"], "does not exist"),
         ("lminf_min.exercises", ["run", "window_mask", "--tokens", str(10**12)], "NumPy pass"),
     ],
@@ -393,6 +394,10 @@ def test_bad_instrument_input(module, args, words, sp_ckpt, tmp_path):
         "NODIR": tmp_path / "no" / "m.png",
     }
     names["README"].write_text("def window_mask(i, j, n_local): ...")
+    names["BUGGY"] = tmp_path / "buggy.py"  # an answer with a typo: it raises when called
+    names["BUGGY"].write_text(
+        "import numpy as np\ndef window_mask(i, j, n_local):\n    np.aray(i)\n"
+    )
     args = [names.get(a, a) for a in args]
     if module in ("lminf_min.diagnose", "lminf_min.exercises") or args[0] == "stream":
         args += ["--ckpt", sp_ckpt]

@@ -443,6 +443,8 @@ def test_ctrl_c_is_one_line_even_during_imports(after, tmp_path):
         [sys.executable, ROOT / "weights.py", "convert-gguf", gguf, "--out", tmp_path / "out"],
         stderr=subprocess.PIPE,
         text=True,
+        # as typed in a terminal, even when this test runs in the background (Ctrl-C ignored)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(after)
     p.send_signal(signal.SIGINT)

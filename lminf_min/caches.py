@@ -31,8 +31,9 @@ class KVCache:
         their positions (S,)."""
         start, end = self.length, self.length + k.shape[1]
         if self.k[layer] is None or end > self.k[layer].shape[1]:
-            self.k[layer] = _grown(self.k[layer], k, start, capacity=max(2 * end, 256))
-            self.v[layer] = _grown(self.v[layer], v, start, capacity=max(2 * end, 256))
+            capacity = max(2 * end, 256)  # doubled: appending a token rarely copies the cache
+            self.k[layer] = _grown(self.k[layer], k, start, capacity)
+            self.v[layer] = _grown(self.v[layer], v, start, capacity)
         self.k[layer][:, start:end] = k
         self.v[layer][:, start:end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end], torch.arange(end, device=k.device)

@@ -100,7 +100,7 @@ if __name__ == "__main__":
             type=int, default=128, help="tokens to generate (stops at end-of-text)"
         ),
         temperature=dict(type=float, default=0.0, help="sampling temperature; 0 = greedy (argmax)"),
-        seed=dict(type=int, default=0, help="random seed for sampling"),
-        vanilla=dict(action="store_true", help="full attention and a growing cache instead"),
+        seed=dict(help="random seed for sampling"),
+        vanilla=dict(help="full attention and a growing cache instead"),
     )
     cli.run(lambda: main(**cli.parse(parser)))()

@@ -12,7 +12,6 @@ random inputs; prefill: prompt tokens/s vs transformers; decode: ms/token after 
 transformers; stream: tokens/s and memory of a long stream through the bounded cache.
 """
 
-import argparse
 import platform
 import time
 from datetime import date
@@ -75,16 +74,6 @@ def load_prompt(ckpt, device, dtype, text, tokens, flag):
     if len(ids) < tokens:
         raise UserError(f"{text} holds only {len(ids)} tokens; pass a longer text or lower {flag}")
     return ckpt, cfg, weights, device, torch.tensor(ids, device=device)
-
-
-def lengths_arg(text):
-    """Whole numbers separated by commas (argparse type)."""
-    try:
-        return [int(n) for n in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give whole numbers separated by commas, e.g. 4096,16384"
-        ) from None
 
 
 @torch.inference_mode()
@@ -329,7 +318,7 @@ def main(argv=None):
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     count = lambda n, what: dict(type=int, default=n, help=what)
-    lengths = lambda default, what: dict(type=lengths_arg, default=default, help=what)
+    lengths = lambda default, what: dict(type=cli.numbers, default=default, help=what)
 
     def command(run, what, *common, **own):
         """The sub-command named after the function `run`: the common flags named (cli.FLAGS), then
@@ -343,7 +332,7 @@ def main(argv=None):
         generate,
         "prompt + greedy continuation: ours vs transformers",
         "--ckpt",
-        text=dict(required=True, help="UTF-8 text whose first tokens are the prompt"),
+        text=dict(help="UTF-8 text whose first tokens are the prompt"),
         prompt_tokens=count(16384, "prompt length in tokens"),
         new_tokens=count(64, "greedy tokens generated after it"),
     )
@@ -360,7 +349,7 @@ def main(argv=None):
         prefill,
         "prompt tokens/s: our prefill vs transformers",
         "--ckpt",
-        text=dict(required=True, help="UTF-8 text whose first tokens are the prompts"),
+        text=dict(help="UTF-8 text whose first tokens are the prompts"),
         lengths=lengths([8192, 32768], "prompt lengths"),
     )
     command(

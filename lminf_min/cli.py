@@ -20,6 +20,17 @@ from . import interrupted
 from .config import UserError
 from .tokenizer import Tokenizer
 
+
+def numbers(text):
+    """Whole numbers separated by commas (an argparse type)."""
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give whole numbers separated by commas, e.g. 4096,16384"
+        ) from None
+
+
 DEVICES, DTYPES = ["auto", "cpu", "cuda"], ["float32", "bfloat16", "float16"]
 FLAGS = {  # flag -> argparse keywords, for every command that takes it
     "--ckpt": dict(help="checkpoint directory (default: SmolLM2-135M-Instruct, fetched once)"),
@@ -41,6 +52,15 @@ FLAGS = {  # flag -> argparse keywords, for every command that takes it
     "--top-k-from-layer": dict(type=int, default=0, help="first layer using top-k middle tokens"),
     "--top-k-distance": dict(type=int, help="distance they are scored at (default: L // 2)"),
     "--json": dict(dest="json_out", help="write the result as JSON here"),
+    # declared here once; a command says what they mean for it (help, default) in add_flags
+    "--text": dict(required=True, help="UTF-8 text file"),
+    "--tokens": dict(type=int, help="number of tokens"),
+    "--lengths": dict(type=numbers, help="lengths in tokens, comma-separated"),
+    "--seed": dict(type=int, default=0, help="random seed"),
+    "--vanilla": dict(action="store_true", help="full causal attention instead of LM-Infinite"),
+    "--bucket": dict(type=int, help="positions per bucket"),
+    "--png": dict(help="draw the plot into this PNG file"),
+    "--out": dict(required=True, help="where to write"),
 }
 MODEL = ("--ckpt", "--device", "--dtype")  # the flags load_model takes
 LAMBDA = ("--n-global", "--n-local", "--d-max")  # LM-Infinite's knobs, LambdaConfig.for_model's
@@ -67,12 +87,13 @@ def subcommand(sub, name, what):
 
 
 def add_flags(parser, *common, **own):
-    """The common flags named (FLAGS), then the command's own: name=dict(argparse keywords); a
-    command that needs another default for a common flag sets it with parser.set_defaults."""
+    """The common flags named (FLAGS), then the command's own: name=dict(argparse keywords), added
+    to FLAGS' where the flag is there (a command's help or default for a common flag)."""
     for flag in common:
         parser.add_argument(flag, **FLAGS[flag])
     for name, keywords in own.items():
-        parser.add_argument("--" + name.replace("_", "-"), **keywords)
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, **FLAGS.get(flag, {}) | keywords)
     return parser
 
 

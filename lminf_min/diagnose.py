@@ -280,13 +280,11 @@ def main(argv=None):
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = (*cli.MODEL, *cli.LAMBDA, "--json")
-    text = dict(required=True, help="UTF-8 text to read")
-    png = dict(help="draw the plot into this PNG")
-    tokens = lambda n, what: dict(type=int, default=n, help=f"read the first N tokens ({what})")
+    tokens = lambda n, what: dict(default=n, help=f"read the first N tokens ({what})")
     own = {  # each command's own flags
         "entropy": dict(
             tokens=tokens(32768, "one pass each"),
-            bucket=dict(type=int, default=2048, help="positions per bucket"),
+            bucket=dict(default=2048),
             queries=dict(type=int, default=256, help="queries averaged per bucket, evenly"),
         ),
         "logits": dict(tokens=tokens(12288, "one pass each")),
@@ -299,7 +297,8 @@ def main(argv=None):
     commands = {"entropy": entropy_cmd, "logits": logits_cmd, "pca": pca_cmd}
     for name, command in commands.items():
         what = command.__doc__.split("\n\n")[0]  # its docstring's first paragraph: what it shows
-        cli.add_flags(cli.subcommand(sub, name, what), *common, text=text, **own[name], png=png)
+        p = cli.subcommand(sub, name, what)
+        cli.add_flags(p, *common, text=dict(help="UTF-8 text to read"), **own[name], png={})
     args = cli.parse(parser, argv)
     # the outputs checked now, not after the model has run
     cli.writable(args["json_out"], args["text"], args["ckpt"])

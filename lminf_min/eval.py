@@ -277,12 +277,7 @@ def greedy_answer(weights, cfg, cache, tail, lam, vocab, backend):
 @torch.inference_mode()
 def passkey(ckpt, lengths, samples, depths, top_k_middle, seed, json_out, device, dtype, **knobs):
     """find a number hidden in filler: vanilla, LM-Infinite, + top-k"""
-    try:
-        lengths = list(dict.fromkeys(int(n) for n in lengths.split(",")))
-    except ValueError:
-        raise UserError(
-            f"--lengths {lengths!r}: give token counts separated by commas, e.g. 4096,8192"
-        ) from None
+    lengths = list(dict.fromkeys(lengths))  # each once
     if samples < 1 or depths < 1 or top_k_middle < 1:
         raise UserError("--samples, --depths and --top-k-middle must be at least 1")
     cli.writable(json_out, ckpt)
@@ -369,23 +364,25 @@ def main(argv=None):
     common = (*cli.MODEL, *cli.LAMBDA, "--json")  # what ppl, stream and passkey share
     own = {  # each command's own flags, after the common ones
         ppl: dict(
-            text=dict(required=True, help="UTF-8 text file"),
+            text={},
             max_tokens=dict(type=int, required=True, help="evaluate the text's first N tokens"),
-            vanilla=dict(action="store_true", help="full causal attention instead of LM-Infinite"),
-            bucket=dict(type=int, default=4096, help="positions per perplexity bucket"),
+            vanilla={},
+            bucket=dict(default=4096, help="positions per perplexity bucket"),
             plot=dict(help="draw perplexity against position into this PNG"),
         ),
         stream: dict(
-            text=dict(nargs="+", required=True, help="UTF-8 documents, drawn with replacement"),
-            tokens=dict(type=int, required=True, help="length of the stream"),
+            text=dict(nargs="+", help="UTF-8 documents, drawn with replacement"),
+            tokens=dict(required=True, help="length of the stream"),
             segment=dict(type=int, default=20000, help="tokens per reported perplexity"),
-            seed=dict(type=int, default=0, help="seed of the document draws"),
+            seed=dict(help="seed of the document draws"),
         ),
         passkey: dict(
-            lengths=dict(default="4096,8192,16384,32768", help="prompt lengths, comma-separated"),
+            lengths=dict(
+                default=[4096, 8192, 16384, 32768], help="prompt lengths, comma-separated"
+            ),
             samples=dict(type=int, default=20, help="prompts per length, keys spread over depths"),
             depths=dict(type=int, default=5, help="number of evenly spread key depths"),
-            seed=dict(type=int, default=0, help="seed of the keys"),
+            seed=dict(help="seed of the keys"),
         ),
     }
     for command, flags in own.items():
@@ -396,7 +393,7 @@ def main(argv=None):
             p.set_defaults(top_k_middle=5)  # the top-k method needs some
     cli.add_flags(
         cli.subcommand(sub, "plot", plot.__doc__),
-        out=dict(required=True, help="PNG file to write"),
+        out=dict(help="PNG file to write"),
         title=dict(default="perplexity by position", help="plot title"),
     ).add_argument("results", nargs="+", help="JSON files written by `ppl --json`")
     args = cli.parse(parser, argv)

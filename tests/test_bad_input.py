@@ -337,7 +337,7 @@ def test_full_cache_larger_than_memory(sp_ckpt, tmp_path):
     "args, words",
     [
         (["ppl", "--text", "PROMPT", "--max-tokens", "1"], "--max-tokens must be at least 2"),
-        (["passkey", "--lengths", "4k"], "--lengths '4k'"),
+        (["passkey", "--lengths", "4k"], "--lengths: '4k'"),
         (["passkey", "--lengths", "64"], "too short for the prompt"),
         (["plot", "PROMPT", "--out", "OUT"], "cannot read"),
         (["ppl", "--text", "PROMPT", "--max-tokens", "4", "--json", "PROMPT"], "file of this run"),

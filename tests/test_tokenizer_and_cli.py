@@ -1,9 +1,13 @@
 """Tokenizers (tokenizer.json and a sentencepiece model trained here) and generate.py end to end on
 a tiny checkpoint."""
 
+import contextlib
+import io
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 import weights
@@ -98,6 +102,39 @@ def test_help_explains_every_flag():
         "--top-k-distance",
     ):
         assert flag in out
+
+
+COMMANDS = ["generate", "weights", *(f"lminf_min.{m}" for m in ("eval", "bench", "diagnose"))]
+COMMANDS += ["lminf_min.exercises", "lminf_min.mask"]
+
+
+def test_each_flag_is_declared_in_one_place(monkeypatch):
+    """Every command line is built (`--help`), and each flag's declaration is found: the line
+    outside cli.py that added it. A flag declared on two lines must be one of cli.FLAGS."""
+    import argparse
+    import runpy
+    import traceback
+
+    from lminf_min import cli
+
+    sites, add = {}, argparse.ArgumentParser.add_argument
+
+    def recorded(parser, *names, **keywords):
+        outside = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("cli.py")]
+        where = f"{Path(outside[-1].filename).name}:{outside[-1].lineno}"
+        for name in names:
+            sites.setdefault(name, set()).add(where)
+        return add(parser, *names, **keywords)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "add_argument", recorded)
+    for command in COMMANDS:
+        path = ROOT / (command.replace(".", "/") + ".py")
+        monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+        with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_module(command, run_name="__main__")
+    assert {"--text", "--tokens", "--ckpt", "--n-local", "--force"} <= set(sites)  # all were seen
+    twice = {flag: where for flag, where in sites.items() if len(where) > 1}
+    assert set(twice) <= set(cli.FLAGS), {f: w for f, w in twice.items() if f not in cli.FLAGS}
 
 
 def test_generate_lambda_past_the_window_is_greedy_under_the_definition(sp_ckpt, tmp_path):

@@ -31,12 +31,8 @@ class LlamaConfig:
         """Validate a parsed config.json; refuse anything this forward pass does not compute."""
         if not isinstance(d, dict):
             refuse("expected a JSON object", "fix the file or re-convert the checkpoint")
-        if d.get("model_type", "llama") != "llama":
-            refuse(
-                f"model_type {d['model_type']!r} is not supported",
-                "only Llama-architecture checkpoints are",
-            )
         unsupported = {  # key -> the only value we compute correctly
+            "model_type": "llama",
             "rope_scaling": None,
             "attention_bias": False,
             "mlp_bias": False,

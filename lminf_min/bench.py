@@ -5,11 +5,11 @@ much).
     python -m lminf_min.bench attention --lengths 4096,16384
     python -m lminf_min.bench prefill --text FILE --lengths 8192,32768
     python -m lminf_min.bench decode --contexts 4096,32768
-    python -m lminf_min.bench stream --tokens 100000
 
 generate: generate.py vs transformers; attention: Λ attention (both backends) vs SDPA causal on
 random inputs; prefill: prompt tokens/s vs transformers; decode: ms/token after a long context vs
-transformers; stream: tokens/s and memory of a long stream through the bounded cache.
+transformers. Tokens/s and memory over a long stream of documents: `python -m lminf_min.eval
+stream`. A command's docstring begins with its --help line.
 """
 
 import platform
@@ -29,17 +29,17 @@ def clock():
     return time.perf_counter()
 
 
-def best_ms(fn, repeat=3, warm_up=True):
-    """The fastest of `repeat` runs of fn(), in ms, after one warm-up run unless warm_up is
-    False."""
-    if warm_up:
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = clock()
-        fn()
-        times.append(1000 * (clock() - t0))
-    return min(times)
+def ms(fn):
+    """The milliseconds one call of fn() takes."""
+    t0 = clock()
+    fn()
+    return 1000 * (clock() - t0)
+
+
+def best_ms(fn, repeat=3):
+    """The fastest of `repeat` calls of fn(), in ms, after one warm-up call."""
+    fn()
+    return min(ms(fn) for _ in range(repeat))
 
 
 def report(title, rows, json_out, device, dtype, shown=None, **extra):
@@ -68,9 +68,9 @@ def hf_model(ckpt, device, dtype):
 
 
 def load_prompt(ckpt, device, dtype, text, tokens, flag):
-    """cli.load_text's checkpoint dir, config, weights and device, and all the text's token ids on
-    that device; an error naming `flag` if there are fewer than `tokens`."""
-    ckpt, cfg, weights, device, _, ids = cli.load_text(ckpt, device, dtype, text)
+    """cli.load_text's checkpoint dir, config, weights and device, and the text's first `tokens`
+    token ids on that device; an error naming `flag` if there are fewer."""
+    ckpt, cfg, weights, device, _, ids = cli.load_text(ckpt, device, dtype, text, tokens)
     if len(ids) < tokens:
         raise UserError(f"{text} holds only {len(ids)} tokens; pass a longer text or lower {flag}")
     return ckpt, cfg, weights, device, torch.tensor(ids, device=device)
@@ -78,9 +78,10 @@ def load_prompt(ckpt, device, dtype, text, tokens, flag):
 
 @torch.inference_mode()
 def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profile):
-    """One layer's attention on random inputs: both Λ backends (the block loop, compiled
-    FlexAttention) against SDPA with a causal mask. Flex's first call at each length compiles it
-    (not timed)."""
+    """one layer: both Λ backends vs SDPA, random
+
+    One layer's attention on random inputs: the block loop and compiled FlexAttention against SDPA
+    with a causal mask. Flex's first call at each length compiles it (not timed)."""
     cli.writable(json_out)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,8 +120,9 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
 
 @torch.inference_mode()
 def prefill(ckpt, text, lengths, json_out, device, dtype):
-    """Prompt tokens/s: generate.py's prefill (LM-Infinite, bounded cache) against one transformers
-    forward pass."""
+    """prompt tokens/s: our prefill vs transformers
+
+    generate.py's prefill (LM-Infinite, bounded cache) against one transformers forward pass."""
     cli.writable(json_out, text, ckpt)
     ckpt, cfg, w, device, ids = load_prompt(ckpt, device, dtype, text, max(lengths), "--lengths")
     hf = hf_model(ckpt, device, dtype)
@@ -131,16 +133,10 @@ def prefill(ckpt, text, lengths, json_out, device, dtype):
     ours(2048), theirs(2048)  # warm-up: first calls pay for allocations and kernel choice
     rows = []
     for T in lengths:
-        a, b = (best_ms(lambda: f(T), repeat=1, warm_up=False) for f in (ours, theirs))
-        rows.append(
-            {
-                "tokens": T,
-                "ours tokens/s": 1000 * T / a,
-                "transformers tokens/s": 1000 * T / b,
-                "speedup": b / a,
-                "FLOPs theirs / ours": prefill_flops(cfg, T, None) / prefill_flops(cfg, T, lam),
-            }
-        )
+        a, b = (ms(lambda: f(T)) for f in (ours, theirs))
+        speeds = {"ours tokens/s": 1000 * T / a, "transformers tokens/s": 1000 * T / b}
+        flops = prefill_flops(cfg, T, None) / prefill_flops(cfg, T, lam)
+        rows.append({"tokens": T} | speeds | {"speedup": b / a, "FLOPs theirs / ours": flops})
     report(f"prefill, {ckpt.name}", rows, json_out, device, dtype)
 
 
@@ -184,8 +180,10 @@ def filled_caches(cfg, lam, hf, context, device, dtype):
 
 @torch.inference_mode()
 def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
-    """ms per generated token after `context` tokens: ours (LM-Infinite's bounded cache) against
-    transformers (full cache)."""
+    """ms/token after a long context vs transformers
+
+    One token after `context` tokens: ours reads LM-Infinite's bounded cache, transformers its full
+    cache."""
     cli.writable(json_out, ckpt)
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     hf = hf_model(ckpt, device, dtype)
@@ -195,50 +193,18 @@ def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
     kind = getattr(torch, dtype)
     for context in contexts:
         cache, full = filled_caches(cfg, lam, hf, context, device, kind)
-        ours_step = lambda: generation.decode_one_token(w, cfg, token, cache, lam, backend)
-        ours_ms = best_ms(ours_step, repeat=tokens)
-        theirs_step = lambda: hf(
-            token[None], past_key_values=full, use_cache=True, logits_to_keep=1
-        )
-        theirs_ms = best_ms(theirs_step, repeat=tokens)
-        rows.append(
-            {
-                "context": context,
-                "ours ms/token": ours_ms,
-                "transformers ms/token": theirs_ms,
-                "ours / transformers": ours_ms / theirs_ms,
-                "ours KV MiB": cache.nbytes() / 2**20,
-                "full KV MiB": context * caches.kv_bytes_per_token(cfg, kind.itemsize) / 2**20,
-            }
-        )
+        ours = lambda: generation.decode_one_token(w, cfg, token, cache, lam, backend)
+        theirs = lambda: hf(token[None], past_key_values=full, use_cache=True, logits_to_keep=1)
+        a, b = (best_ms(f, repeat=tokens) for f in (ours, theirs))
+        times = {"ours ms/token": a, "transformers ms/token": b, "ours / transformers": a / b}
+        full_mib = context * caches.kv_bytes_per_token(cfg, kind.itemsize) / 2**20
+        sizes = {"ours KV MiB": cache.nbytes() / 2**20, "full KV MiB": full_mib}
+        rows.append({"context": context} | times | sizes)
     title = f"decode, batch 1, G={lam.n_global} L={lam.n_local}, the fastest of --tokens steps"
     report(title, rows, json_out, device, dtype)
 
 
-@torch.inference_mode()
-def stream(ckpt, tokens, chunk, json_out, device, dtype):
-    """Random tokens through LM-Infinite's bounded cache in chunks: tokens/s and peak memory per
-    tenth of the stream."""
-    cli.writable(json_out, ckpt)
-    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
-    lam, rows, g = LambdaConfig.for_model(cfg), [], torch.Generator().manual_seed(0)
-    cache = caches.new_cache(cfg, lam)
-    step = max(tokens // 10, chunk)
-    backend = model.pick_backend(device)
-    for start in range(0, tokens, step):
-        end = min(start + step, tokens)
-        t0 = clock()
-        for a in range(start, end, chunk):
-            ids = torch.randint(0, cfg.vocab_size, (min(chunk, end - a),), generator=g)
-            model.forward(w, cfg, ids.to(device), lam, cache, last_only=True, backend=backend)
-        speed = (end - start) / (clock() - t0)
-        peak = round(cli.peak_memory_mb(device))
-        rows.append({"tokens": f"{start}-{end}", "tokens/s": speed, "peak MiB": peak})
-    title = f"stream, G={lam.n_global} L={lam.n_local}, chunks of {chunk}"
-    report(title, rows, json_out, device, dtype)
-
-
-def ours(weights, cfg, ids, new_tokens, lam):
+def ours_generate(weights, cfg, ids, new_tokens, lam):
     """generate.py's path: prefill, then new_tokens greedy decode steps (no stop at end-of-text);
     the seconds each took, and the tokens, as a row of the table."""
     cache, out, backend = caches.new_cache(cfg, lam), [], model.pick_backend(ids.device)
@@ -262,7 +228,8 @@ def transformers_generate(ckpt, ids, new_tokens, dtype):
     """The same with transformers' LlamaForCausalLM (SDPA attention, its own cache): the seconds
     its generate takes, and its tokens."""
     hf = hf_model(ckpt, ids.device, dtype)
-    hf.generate(ids[None, :64], max_new_tokens=2, do_sample=False)  # warm-up, as ours() had
+    # warm-up, as ours_generate() had
+    hf.generate(ids[None, :64], max_new_tokens=2, do_sample=False)
     t0 = clock()
     exactly = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)  # no stop at end-of-text
     out = hf.generate(ids[None], **exactly, do_sample=False, num_beams=1)
@@ -273,17 +240,18 @@ def transformers_generate(ckpt, ids, new_tokens, dtype):
 
 @torch.inference_mode()
 def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
-    """A prompt and a greedy continuation: generate.py's path (LM-Infinite, then vanilla) against
-    transformers' generate."""
+    """prompt + greedy continuation: ours vs transformers
+
+    generate.py's path (LM-Infinite, then vanilla) against transformers' generate."""
     cli.writable(json_out, text, ckpt)
     flag = "--prompt-tokens"
     ckpt, cfg, w, device, ids = load_prompt(ckpt, device, dtype, text, prompt_tokens, flag)
-    ids = ids[:prompt_tokens]
     lam = LambdaConfig.for_model(cfg)
-    ours(w, cfg, ids[:64], 2, lam)  # warm-up: first calls pay for allocations and kernel choice
+    # warm-up: first calls pay for allocations and kernel choice
+    ours_generate(w, cfg, ids[:64], 2, lam)
     rows = [
-        {"run": "lminf_min, LM-Infinite"} | ours(w, cfg, ids, new_tokens, lam),
-        {"run": "lminf_min, vanilla"} | ours(w, cfg, ids, new_tokens, None),
+        {"run": "lminf_min, LM-Infinite"} | ours_generate(w, cfg, ids, new_tokens, lam),
+        {"run": "lminf_min, vanilla"} | ours_generate(w, cfg, ids, new_tokens, None),
         {"run": "transformers, SDPA"} | transformers_generate(ckpt, ids, new_tokens, dtype),
     ]
     base = rows[-1]["seconds"]
@@ -307,7 +275,7 @@ def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
 
 def checked(args):
     """The sub-command's arguments, every count and length at least 1 (one line if not)."""
-    for name in ("lengths", "contexts", "tokens", "chunk", "prompt_tokens", "new_tokens"):
+    for name in ("lengths", "contexts", "tokens", "prompt_tokens", "new_tokens"):
         values = args.get(name, [1])
         if min(values if isinstance(values, list) else [values]) < 1:
             raise UserError(f"--{name.replace('_', '-')} is {values}; give numbers of at least 1")
@@ -317,28 +285,25 @@ def checked(args):
 def main(argv=None):
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    count = lambda n, what: dict(type=int, default=n, help=what)
     lengths = lambda default, what: dict(type=cli.numbers, default=default, help=what)
 
-    def command(run, what, *common, **own):
-        """The sub-command named after the function `run`: the common flags named (cli.FLAGS), then
-        --device, --dtype and --json, which every one takes, then its own."""
+    def command(run, *common, **own):
+        """The sub-command named after the function `run`, its docstring's first paragraph as help:
+        the common flags named (cli.FLAGS), then --device, --dtype and --json, which every one
+        takes, then its own."""
+        what = run.__doc__.split("\n\n")[0]
         flags = (*common, "--device", "--dtype", "--json")
-        subparser = cli.add_flags(cli.subcommand(sub, run.__name__, what), *flags, **own)
-        subparser.set_defaults(run=run)
-        return subparser
+        return cli.add_flags(cli.subcommand(sub, run.__name__, what), *flags, **own)
 
     command(
         generate,
-        "prompt + greedy continuation: ours vs transformers",
         "--ckpt",
         text=dict(help="UTF-8 text whose first tokens are the prompt"),
-        prompt_tokens=count(16384, "prompt length in tokens"),
-        new_tokens=count(64, "greedy tokens generated after it"),
+        prompt_tokens=dict(type=int, default=16384, help="prompt length in tokens"),
+        new_tokens=dict(type=int, default=64, help="greedy tokens generated after it"),
     )
     command(
         attention,
-        "one layer: both Λ backends vs SDPA, random",
         "--n-global",
         "--n-local",
         lengths=lengths([4096, 16384], "sequence lengths"),
@@ -347,29 +312,19 @@ def main(argv=None):
     ).set_defaults(n_local=8192)  # no model here: L, and d_max = L
     command(
         prefill,
-        "prompt tokens/s: our prefill vs transformers",
         "--ckpt",
         text=dict(help="UTF-8 text whose first tokens are the prompts"),
         lengths=lengths([8192, 32768], "prompt lengths"),
     )
     command(
         decode,
-        "ms/token after a long context vs transformers",
         "--ckpt",
         "--n-local",
         contexts=lengths([4096, 32768], "context lengths"),
-        tokens=count(8, "decode steps timed per context (the fastest counts)"),
-    )
-    command(
-        stream,
-        "tokens/s and memory of a random stream, bounded cache",
-        "--ckpt",
-        tokens=count(100000, "stream length"),
-        chunk=count(1024, "tokens per forward pass"),
+        tokens=dict(default=8, help="decode steps timed per context (the fastest counts)"),
     )
     args = checked(cli.parse(parser, argv))
-    del args["command"]
-    args.pop("run")(**args)
+    {f.__name__: f for f in (generate, attention, prefill, decode)}[args.pop("command")](**args)
 
 
 if __name__ == "__main__":

@@ -26,23 +26,22 @@ COLOURS = ("#d1492e", "#3b75af")  # vanilla, LM-Infinite
 
 
 def row_logits(q, k, rows, theta, lam):
-    """Logits (H, n, S) of the queries at positions rows (n,) over keys 0..S-1 as the attention
-    scores them, -inf where masked.
+    """Logits (H, n, S) of the queries at ascending positions rows (n,) over keys 0..S-1, S =
+    rows[-1] + 1, as the attention scores them, -inf where masked.
 
-    q: (H, n, hd) rotated at rows; k: (H_kv, S, hd) rotated at their positions; lam None = vanilla,
-    else d_max >= L - 1. Starting tokens beyond d_max are scored at d_max by rotating the query back
-    by the excess (reference.py's way, not model.py's).
+    q: (H, n, hd) rotated at rows; k: (H_kv, >= S, hd) rotated at their positions; lam None =
+    vanilla, else d_max >= L - 1. Starting tokens beyond d_max are scored at d_max by rotating the
+    query back by the excess (reference.py's way, not model.py's).
     """
-    (H, _, hd), S = q.shape, k.shape[1]
-    k = k.float().repeat_interleave(H // k.shape[0], dim=0)  # (H, S, hd)
+    (H, _, hd), S = q.shape, int(rows[-1]) + 1  # the keys up to the last query
+    k = k[:, :S].float().repeat_interleave(H // k.shape[0], dim=0)  # (H, S, hd)
     s = q.float() @ k.transpose(1, 2) / math.sqrt(hd)
     i, j = rows[:, None], torch.arange(S, device=q.device)[None, :]
     for g in range(min(lam.n_global, S) if lam else 0):
         far = rows - g > lam.d_max  # (n,)
-        if far.any():
-            back = model.rope_angles(lam.d_max + g - rows[far], hd, theta)
-            q_at = model.rope(q[:, far].float(), back)
-            s[:, far, g] = (q_at * k[:, g, None]).sum(-1) / math.sqrt(hd)
+        back = model.rope_angles(lam.d_max + g - rows[far], hd, theta)  # by the excess
+        q_at = model.rope(q[:, far].float(), back)
+        s[:, far, g] = (q_at * k[:, g, None]).sum(-1) / math.sqrt(hd)
     return s.masked_fill(~lambda_mask(i, j, lam), -math.inf)
 
 
@@ -70,22 +69,22 @@ def spread(a, b, n):
     return np.unique(np.linspace(a, b - 1, min(n, b - a)).round().astype(int))
 
 
-def probe_runs(cfg, w, ids, lam, groups, take):
-    """For vanilla and LM-Infinite: one forward pass over ids, calling take(run, lam, layer, rows,
-    logits) for each layer and each group of query positions (lam None: vanilla)."""
-    name = f"LM-Infinite G={lam.n_global} L={lam.n_local} D={lam.d_max}"
-    for run, run_lam in (("vanilla", None), (name, lam)):
+def probe_runs(cfg, w, ids, lam, groups, measure):
+    """For vanilla and LM-Infinite, one forward pass over ids each: {run: [[measure(logits, rows,
+    lam) for each group of query positions] for each layer]} (lam None: vanilla)."""
+    groups = [torch.tensor(rows, device=ids.device) for rows in groups]
+    found = {"vanilla": [], f"LM-Infinite G={lam.n_global} L={lam.n_local} D={lam.d_max}": []}
+    for run, run_lam in zip(found, (None, lam)):
         with tqdm(total=cfg.num_hidden_layers, desc=run.split()[0], unit="layer") as bar:
 
             def probe(layer, q, k, a):
-                for rows in groups:
-                    rows = torch.tensor(rows, device=q.device)
-                    keys = k[:, : int(rows[-1]) + 1]
-                    logits = row_logits(q[:, rows], keys, rows, cfg.rope_theta, run_lam)
-                    take(run, run_lam, layer, rows, logits)
+                # each group's queries over the keys up to the last of them
+                logits_of = lambda rows: row_logits(q[:, rows], k, rows, cfg.rope_theta, run_lam)
+                found[run].append([measure(logits_of(rows), rows, run_lam) for rows in groups])
                 bar.update()
 
             model.forward(w, cfg, ids, lam=run_lam, hidden_only=True, probe=probe)
+    return found
 
 
 def entropy_cmd(bucket, queries, png, json_out, **flags):
@@ -99,12 +98,8 @@ def entropy_cmd(bucket, queries, png, json_out, **flags):
     # `queries` positions evenly spread over each whole bucket [start, start + bucket)
     starts = range(0, len(ids) - bucket + 1, bucket)
     groups = [spread(a, a + bucket, queries).tolist() for a in starts]
-    found = {}  # run -> layer -> mean entropy (over heads and the bucket's queries) per bucket
-
-    def take(run, run_lam, layer, rows, logits):
-        found.setdefault(run, {}).setdefault(layer, []).append(float(entropy(logits).mean()))
-
-    probe_runs(cfg, w, ids, lam, groups, take)
+    # run -> layer -> bucket -> mean entropy over the heads and the bucket's queries
+    found = probe_runs(cfg, w, ids, lam, groups, lambda logits, *_: float(entropy(logits).mean()))
     inside = min(max(lam.n_local // bucket - 1, 0), len(starts) - 1)  # the last bucket inside L
     result = {
         "buckets": [[a, a + bucket] for a in starts],
@@ -112,7 +107,7 @@ def entropy_cmd(bucket, queries, png, json_out, **flags):
         "in_window_bucket": inside,
         "bound_ln_G_plus_L": math.log(lam.n_global + lam.n_local),
         "window": lam.n_local,
-        "entropy": {run: [layers[n] for n in sorted(layers)] for run, layers in found.items()},
+        "entropy": found,
     }
     (a, b), (c, d) = result["buckets"][inside], result["buckets"][-1]
     for run, per_layer in result["entropy"].items():
@@ -159,17 +154,16 @@ def logits_cmd(png, json_out, **flags):
     rows = np.linspace(len(ids) / ROWS, len(ids) - 1, ROWS).astype(int).tolist()
     # distance buckets [edges[b], edges[b + 1])
     edges = np.unique(np.geomspace(1, len(ids), 40).astype(int))
-    found = {}  # run -> largest logit per distance bucket
 
-    def take(run, run_lam, layer, rows, logits):
-        best = found.setdefault(run, np.full(len(edges) - 1, -np.inf))
+    def largest(logits, rows, run_lam):  # per distance bucket, -inf where no pair
         top = logits.amax(0).cpu().numpy()  # (n, S): largest over heads
-        # the distance RoPE sees
+        # the distance RoPE sees, and its bucket
         distance = effective_distance(rows.cpu().numpy()[:, None], np.arange(top.shape[1]), run_lam)
-        for b in range(len(edges) - 1):
-            best[b] = top[(distance >= edges[b]) & (distance < edges[b + 1])].max(initial=best[b])
+        bucket = np.digitize(distance, edges) - 1  # edges[b] <= distance < edges[b + 1]
+        return [top[bucket == b].max(initial=-np.inf) for b in range(len(edges) - 1)]
 
-    probe_runs(cfg, w, ids, lam, [rows], take)
+    runs = probe_runs(cfg, w, ids, lam, [rows], largest)  # run -> layer -> [rows] -> bucket
+    found = {run: np.max(m, axis=(0, 1)) for run, m in runs.items()}  # over layers
     logit = lambda x: None if math.isinf(x) else float(x)  # None: no pair that far
     result = {
         "distance_from": edges[:-1].tolist(),
@@ -214,22 +208,17 @@ def pca_cmd(layer, points, png, json_out, **flags):
     # no need to run the layers after it
     upto = dataclasses.replace(cfg, num_hidden_layers=layer + 1)
     for run, run_lam in tqdm(runs.items(), desc=f"layer {layer}", unit="run"):
-
-        def keep(n, q, k, a):
-            if n == layer:
-                outputs[run] = a.double().cpu().numpy()
-
+        # each layer's outputs replace the last: upto's last layer is `layer`
+        keep = lambda n, q, k, a: outputs.update({run: a.double().cpu().numpy()})
         model.forward(w, upto, ids, lam=run_lam, hidden_only=True, probe=keep)
     # fitted on the positions inside the window past the starting tokens, where all three agree
-    fit = outputs["vanilla"][G:L]
-    centre = fit.mean(0)
-    centred = fit - centre
+    centre = outputs["vanilla"][G:L].mean(0)
+    centred = outputs["vanilla"][G:L] - centre
     axes = np.linalg.svd(centred, full_matrices=False)[2][:2]  # (2, H*hd): the top components
     usual = np.linalg.norm(centred, axis=1).mean()  # the window's own distance from it
-    past = spread(L, T, points)
     groups = {
         f"in the window ({G}..{L - 1})": ("vanilla", spread(G, L, points)),
-        **{f"past L ({L}..{T - 1}): {run}": (run, past) for run in runs},
+        **{f"past L ({L}..{T - 1}): {run}": (run, spread(L, T, points)) for run in runs},
         f"starting tokens (0..{G - 1})": ("vanilla", np.arange(G)),
     }
     explained = (centred @ axes.T).var(0).sum() / (centred**2).sum(1).mean()
@@ -296,8 +285,8 @@ def main(argv=None):
     }
     commands = {"entropy": entropy_cmd, "logits": logits_cmd, "pca": pca_cmd}
     for name, command in commands.items():
-        what = command.__doc__.split("\n\n")[0]  # its docstring's first paragraph: what it shows
-        p = cli.subcommand(sub, name, what)
+        # its docstring's first paragraph: what it shows
+        p = cli.subcommand(sub, name, command.__doc__.split("\n\n")[0])
         cli.add_flags(p, *common, text=dict(help="UTF-8 text to read"), **own[name], png={})
     args = cli.parse(parser, argv)
     # the outputs checked now, not after the model has run

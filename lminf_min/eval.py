@@ -3,7 +3,7 @@
 python -m lminf_min.eval ppl --text FILE --max-tokens 16384               # LM-Infinite
 python -m lminf_min.eval ppl --text FILE --max-tokens 16384 --vanilla     # full attention
 python -m lminf_min.eval ppl --text FILE --max-tokens 16384 --n-global 0  # window only
-python -m lminf_min.eval stream --text A.txt B.txt --tokens 200000        # bounded memory
+python -m lminf_min.eval stream --text A.txt B.txt --tokens 200000        # flat speed, memory
 python -m lminf_min.eval passkey --lengths 4096,16384 --samples 20        # a hidden number
 
 The commands pass LM-Infinite's flags (--n-global, --n-local, --d-max; passkey's also
@@ -53,14 +53,6 @@ def stream_nll(weights, cfg, chunks, lam, backend=None):
         nll = -logp[:-1].gather(1, chunk[1:, None])[:, 0]
         yield (nll if last is None else torch.cat([-last[chunk[:1]], nll])).double().cpu()
         last = logp[-1]
-
-
-def token_nll(weights, cfg, tokens, lam, progress=True, backend=None):
-    """NLL (N-1,) of each token given all before it, in chunks of CHUNK tokens."""
-    chunks = tqdm(
-        tokens.split(CHUNK), desc="perplexity", unit="chunk", disable=not progress, file=sys.stderr
-    )
-    return torch.cat(list(stream_nll(weights, cfg, chunks, lam, backend)))
 
 
 def bucketed(nll, bucket):
@@ -142,7 +134,7 @@ def sampled_stream(docs, n_tokens, seed):
 
 @torch.inference_mode()
 def stream(ckpt, text, tokens, segment, seed, json_out, device, dtype, **knobs):
-    """perplexity of an endless stream of documents, bounded cache"""
+    """perplexity and speed of an endless stream of documents, bounded cache"""
     if tokens < 2 or segment < 1:
         raise UserError("--tokens must be at least 2 and --segment at least 1")
     cli.writable(json_out, *text, ckpt)
@@ -152,22 +144,28 @@ def stream(ckpt, text, tokens, segment, seed, json_out, device, dtype, **knobs):
     docs = [tok.encode(cli.read_prompt(t)) for t in text]
     chunks = (c.to(device) for c in sampled_stream(docs, tokens, seed))
     rows, total = [], 0.0
-    pending = torch.zeros(0, dtype=torch.float64)  # the NLLs of the segment being filled
+    # the segment being filled: the NLL of each token, and its share of its chunk's seconds
+    pending, seconds = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     start = 1  # the position of its first token (the first token has no prediction)
     bar = tqdm(total=tokens - 1, desc="stream", unit="tok", file=sys.stderr)
+    t0 = time.perf_counter()
     for nll in stream_nll(w, cfg, chunks, lam, model.pick_backend(device)):
+        t1 = time.perf_counter()
         bar.update(len(nll))
-        pending, total = torch.cat([pending, nll]), total + float(nll.sum())
+        seconds = torch.cat([seconds, torch.full_like(nll, (t1 - t0) / len(nll))])
+        pending, total, t0 = torch.cat([pending, nll]), total + float(nll.sum()), t1
         # each whole segment, and at the stream's end (position `tokens`) the last, partial one
         while len(pending) >= segment or (len(pending) and start + len(pending) == tokens):
             part, pending = pending[:segment], pending[segment:]
+            spent, seconds = seconds[:segment], seconds[segment:]
             end = start + len(part)
-            ppl = math.exp(part.mean())
+            ppl, speed = math.exp(part.mean()), len(part) / float(spent.sum())
             memory = round(cli.peak_memory_mb(device))
-            rows.append(dict(start=start, end=end, ppl=ppl, peak_memory_mib=memory))
-            bar.write(
-                f"  tokens {start:>10}-{end:<10} perplexity {ppl:8.2f}   peak memory {memory} MiB"
+            rows.append(
+                dict(start=start, end=end, ppl=ppl, tokens_per_s=speed, peak_memory_mib=memory)
             )
+            what = f"perplexity {ppl:8.2f}   {speed:7.0f} tokens/s   peak memory {memory} MiB"
+            bar.write(f"  tokens {start:>10}-{end:<10} {what}")
             start = end
     bar.close()
     result = {
@@ -204,7 +202,9 @@ def ppl(ckpt, text, max_tokens, vanilla, bucket, json_out, plot, device, dtype, 
         cli.fits(need, device, f"a full KV cache for {len(ids)} tokens", "drop --vanilla")
     t0 = time.perf_counter()
     tokens = torch.tensor(ids, device=device)
-    nll = token_nll(w, cfg, tokens, lam, backend=model.pick_backend(device))
+    chunks = tqdm(tokens.split(CHUNK), desc="perplexity", unit="chunk", file=sys.stderr)
+    # (N-1,): each token's NLL given all before it, the text read as a stream of its chunks
+    nll = torch.cat(list(stream_nll(w, cfg, chunks, lam, model.pick_backend(device))))
     seconds = time.perf_counter() - t0
     result = {
         "tokens": len(ids),
@@ -373,10 +373,13 @@ def main(argv=None):
         stream: dict(
             text=dict(nargs="+", help="UTF-8 documents, drawn with replacement"),
             tokens=dict(required=True, help="length of the stream"),
-            segment=dict(type=int, default=20000, help="tokens per reported perplexity"),
+            segment=dict(type=int, default=20000, help="tokens per reported segment"),
             seed=dict(help="seed of the document draws"),
         ),
         passkey: dict(
+            top_k_middle=dict(default=5),  # passkey compares with top-k, which needs some
+            top_k_from_layer={},
+            top_k_distance={},
             lengths=dict(
                 default=[4096, 8192, 16384, 32768], help="prompt lengths, comma-separated"
             ),
@@ -386,11 +389,7 @@ def main(argv=None):
         ),
     }
     for command, flags in own.items():
-        p = cli.subcommand(sub, command.__name__, command.__doc__)
-        top_k = cli.TOP_K if command is passkey else ()  # passkey compares with top-k
-        cli.add_flags(p, *common, *top_k, **flags)
-        if command is passkey:
-            p.set_defaults(top_k_middle=5)  # the top-k method needs some
+        cli.add_flags(cli.subcommand(sub, command.__name__, command.__doc__), *common, **flags)
     cli.add_flags(
         cli.subcommand(sub, "plot", plot.__doc__),
         out=dict(help="PNG file to write"),

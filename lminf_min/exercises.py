@@ -174,10 +174,9 @@ def nll(logits, ids):
     return -logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
-def remembered(score, ckpt, ids, lam, flex):
-    """score(lam), the perplexity of a run with the built-in mask, kept in the cache folder: the
-    runs an answer is compared with never change, so only the first run of a setting pays for
-    them."""
+def remembered(cfg, weights, ckpt, ids, lam, flex):
+    """perplexity(...) of a run with the built-in mask, kept in the cache folder: the runs an answer
+    is compared with never change, so only the first run of a setting pays for them."""
     from weights import CACHE
 
     files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(ckpt.glob("*.*"))]
@@ -189,7 +188,7 @@ def remembered(score, ckpt, ids, lam, flex):
         known = {}
     known = known if isinstance(known, dict) else {}  # a damaged cache is simply rebuilt
     if key not in known:
-        known[key] = score(lam)
+        known[key] = perplexity(cfg, weights, ids, lam, flex)
         store.parent.mkdir(parents=True, exist_ok=True)
         cli.write_json(store, known)
     return known[key]
@@ -203,12 +202,12 @@ def draw(path, name, kind, yours, G, L, n):
 
     title, ref = PICTURES[name](G, L)
     i, j, lam = np.arange(n)[:, None], np.arange(n)[None, :], window(G, L)
+    visible = definition.lambda_mask(i, j, ref)  # for distances, also your run's: the same G, L
     if kind == "count":  # the keys in each row of the Λ mask
-        pictures = yours[:n], definition.lambda_mask(i, j, ref).sum(1)
+        pictures = yours[:n], visible.sum(1)
     elif kind == "mask":
-        pictures = yours(i, j, lam), definition.lambda_mask(i, j, ref)
+        pictures = yours(i, j, lam), visible
     else:  # distances where the Λ mask lets a pair through
-        visible = definition.lambda_mask(i, j, lam)
         pictures = yours(i, j, lam) * visible, definition.effective_distance(i, j, ref) * visible
     titles = f"yours: {name}", f"{title} (G={ref.n_global}, L={ref.n_local})"
     fig = Figure(figsize=(11, 5.5))
@@ -262,14 +261,11 @@ def main(argv=None):
         small = make(f, 4, G, L)
         if kind == "mask":
             small(np.arange(4)[:, None], np.arange(4)[None, :], window(G, L))
-    except NotImplementedError:
-        raise UserError(
-            f"{name} is not written yet: replace its `raise NotImplementedError` in {where}"
-        ) from None
-    except Exception as e:  # a bug in your function: one line, as for a file that does not run
-        raise UserError(
-            f"{name} raised {type(e).__name__} ({e}) on a 4-token grid; fix it in {where}"
-        ) from None
+    except Exception as e:  # not written yet, or a bug: one line, as for a file that does not run
+        wrong = f"raised {type(e).__name__} ({e}) on a 4-token grid; fix it"
+        if isinstance(e, NotImplementedError):
+            wrong = "is not written yet: replace its `raise NotImplementedError`"
+        raise UserError(f"{name} {wrong} in {where}") from None
     if kind == "count":
         cli.fits(32 * T, "cpu", f"--tokens {T}: counting keys", "use fewer tokens")
         change = make(f, T, G, L)
@@ -286,13 +282,12 @@ def main(argv=None):
             what = f"--tokens {a.tokens}: the NumPy pass over {T} tokens"
             cli.fits(need, "cpu", what, "use fewer tokens, or --flex (masks)")
         change = make(f, T, G, L)
-        score = lambda lam, **replaced: perplexity(cfg, w, ids, lam, a.flex, **replaced)
-        yours = score(window(G, L), **{kind: change})
+        yours = perplexity(cfg, w, ids, window(G, L), a.flex, **{kind: change})
         engine = "torch FlexAttention" if a.flex else "the NumPy reference"
         print(f"{T} tokens of {Path(a.text).name}, perplexity ({engine}):")
         print(f"  {yours:8.2f}  {label.format(G=G, L=L, half=L // 2, quarter=L // 4)}")
         for run, lam in (beside(G, L) | ({} if a.flex else {"full attention": None})).items():
-            print(f"  {remembered(score, ckpt, ids, lam, a.flex):8.2f}  {run}")
+            print(f"  {remembered(cfg, w, ckpt, ids, lam, a.flex):8.2f}  {run}")
     if a.png:  # the first positions of yours, beside the answer (or what to compare with)
         draw(a.png, name, kind, change, G, L, min(T, 256 if kind == "count" else 64))
 

@@ -378,7 +378,7 @@ def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
         ("lminf_min.diagnose", ["logits", "--text", "PROMPT", "--tokens", "0"], "--tokens is 0"),
         ("lminf_min.diagnose", ["pca", "--text", "PROMPT", "--n-global", "0"], "1 <= G <= L - 3"),
         ("lminf_min.diagnose", ["entropy", "--text", "PROMPT", "--queries", "10000"], "--queries"),
-        ("lminf_min.bench", ["stream", "--chunk", "0"], "--chunk is 0"),
+        ("lminf_min.bench", ["decode", "--tokens", "0"], "--tokens is 0"),
         ("lminf_min.exercises", ["run", "window_mask", "--answers", "README"], "no such .py file"),
         ("lminf_min.exercises", ["run", "window_mask", "--answers", "BUGGY"], "raised Attrib"),
         ("lminf_min.mask", ["--png", "NODIR"], "does not exist"),

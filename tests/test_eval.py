@@ -43,14 +43,9 @@ def test_chunked_nll_matches_one_pass_definition(G, L, T, chunk, vanilla, seed):
     w, config = random_weights(cfg, seed), LlamaConfig.from_dict(cfg)
     lam = None if vanilla else LambdaConfig(G, L, L)
     tokens = np.random.default_rng(seed).integers(0, cfg["vocab_size"], T)
-    with mock.patch.object(lm_eval, "CHUNK", chunk):
-        got = lm_eval.token_nll(
-            {n: torch.from_numpy(t) for n, t in w.items()},
-            config,
-            torch.from_numpy(tokens),
-            lam,
-            progress=False,
-        )
+    tensors = {n: torch.from_numpy(t) for n, t in w.items()}
+    chunks = torch.from_numpy(tokens).split(chunk)
+    got = torch.cat(list(lm_eval.stream_nll(tensors, config, chunks, lam)))
     np.testing.assert_allclose(got.numpy(), reference_nll(w, config, tokens, lam), atol=1e-4)
 
 
@@ -151,6 +146,9 @@ def test_eval_stream_cli(sp_ckpt, tmp_path):
         (201, 300),
     ]
     assert all(math.isfinite(s["ppl"]) and s["ppl"] > 1 for s in result["segments"])
+    # each segment's speed, printed and recorded: its tokens over their share of the chunks' time
+    assert all(s["tokens_per_s"] > 0 for s in result["segments"])
+    assert r.stdout.count(" tokens/s   peak memory ") == 3
 
 
 def test_passkey_prompt_has_exact_length_and_key_at_depth(sp_ckpt):
@@ -258,4 +256,4 @@ def test_non_finite_logits_stop_the_evaluation(tiny_ckpt):
     config, w = weights.load_checkpoint(tiny_ckpt)
     w["model.norm.weight"] = torch.full_like(w["model.norm.weight"], float("inf"))
     with pytest.raises(lm_eval.UserError, match="inf or NaN logits"):
-        lm_eval.token_nll(w, config, torch.arange(20) % config.vocab_size, None, progress=False)
+        list(lm_eval.stream_nll(w, config, [torch.arange(20) % config.vocab_size], None))

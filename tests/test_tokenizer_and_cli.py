@@ -108,6 +108,8 @@ COMMANDS = ["generate", "weights", *(f"lminf_min.{m}" for m in ("eval", "bench",
 COMMANDS += ["lminf_min.exercises", "lminf_min.mask"]
 
 
+# runpy warns that the command's module was imported before (by another command): harmless here
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules after import:RuntimeWarning")
 def test_each_flag_is_declared_in_one_place(monkeypatch):
     """Every command line is built (`--help`), and each flag's declaration is found: the line
     outside cli.py that added it. A flag declared on two lines must be one of cli.FLAGS."""

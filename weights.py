@@ -415,12 +415,10 @@ def main(argv=None):
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     smollm2 = sub.add_parser("smollm2", help="fetch and convert SmolLM2-135M-Instruct's GGUF")
-    cli.add_flags(
-        smollm2, out=dict(required=False, help=f"output directory (default: {DEFAULT_OUT})")
-    )
+    cli.add_flags(smollm2, out=dict(help=f"output directory (default: {DEFAULT_OUT})"))
     convert = sub.add_parser("convert-gguf", help="convert a Llama GGUF file to a checkpoint")
     convert.add_argument("file", help="the .gguf file")
-    cli.add_flags(convert, out=dict(help="output directory, new unless --force"))
+    cli.add_flags(convert, out=dict(required=True, help="output directory, new unless --force"))
     for p in (smollm2, convert):
         p.add_argument("--force", action="store_true", help="replace an --out converted before")
     args = parser.parse_args(argv)

@@ -293,12 +293,14 @@ def main(argv=None):
         takes, then its own."""
         what = run.__doc__.split("\n\n")[0]
         flags = (*common, "--device", "--dtype", "--json")
-        return cli.add_flags(cli.subcommand(sub, run.__name__, what), *flags, **own)
+        subparser = cli.add_flags(cli.subcommand(sub, run.__name__, what), *flags, **own)
+        subparser.set_defaults(run=run)
+        return subparser
 
     command(
         generate,
         "--ckpt",
-        text=dict(help="UTF-8 text whose first tokens are the prompt"),
+        text=dict(required=True, help="UTF-8 text whose first tokens are the prompt"),
         prompt_tokens=dict(type=int, default=16384, help="prompt length in tokens"),
         new_tokens=dict(type=int, default=64, help="greedy tokens generated after it"),
     )
@@ -306,25 +308,26 @@ def main(argv=None):
         attention,
         "--n-global",
         "--n-local",
-        lengths=lengths([4096, 16384], "sequence lengths"),
-        heads=lengths([9, 3, 64], "query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)"),
+        lengths=lengths("4096,16384", "sequence lengths"),
+        heads=lengths("9,3,64", "query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)"),
         profile=dict(action="store_true", help="then print torch.profiler's table for one call"),
     ).set_defaults(n_local=8192)  # no model here: L, and d_max = L
     command(
         prefill,
         "--ckpt",
-        text=dict(help="UTF-8 text whose first tokens are the prompts"),
-        lengths=lengths([8192, 32768], "prompt lengths"),
+        text=dict(required=True, help="UTF-8 text whose first tokens are the prompts"),
+        lengths=lengths("8192,32768", "prompt lengths"),
     )
     command(
         decode,
         "--ckpt",
         "--n-local",
-        contexts=lengths([4096, 32768], "context lengths"),
+        contexts=lengths("4096,32768", "context lengths"),
         tokens=dict(default=8, help="decode steps timed per context (the fastest counts)"),
     )
     args = checked(cli.parse(parser, argv))
-    {f.__name__: f for f in (generate, attention, prefill, decode)}[args.pop("command")](**args)
+    del args["command"]
+    args.pop("run")(**args)
 
 
 if __name__ == "__main__":

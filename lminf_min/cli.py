@@ -53,14 +53,14 @@ FLAGS = {  # flag -> argparse keywords, for every command that takes it
     "--top-k-distance": dict(type=int, help="distance they are scored at (default: L // 2)"),
     "--json": dict(dest="json_out", help="write the result as JSON here"),
     # declared here once; a command says what they mean for it (help, default) in add_flags
-    "--text": dict(required=True, help="UTF-8 text file"),
+    "--text": dict(help="UTF-8 text file"),
     "--tokens": dict(type=int, help="number of tokens"),
     "--lengths": dict(type=numbers, help="lengths in tokens, comma-separated"),
     "--seed": dict(type=int, default=0, help="random seed"),
     "--vanilla": dict(action="store_true", help="full causal attention instead of LM-Infinite"),
     "--bucket": dict(type=int, help="positions per bucket"),
     "--png": dict(help="draw the plot into this PNG file"),
-    "--out": dict(required=True, help="where to write"),
+    "--out": dict(help="where to write"),
 }
 MODEL = ("--ckpt", "--device", "--dtype")  # the flags load_model takes
 LAMBDA = ("--n-global", "--n-local", "--d-max")  # LM-Infinite's knobs, LambdaConfig.for_model's
@@ -88,7 +88,8 @@ def subcommand(sub, name, what):
 
 def add_flags(parser, *common, **own):
     """The common flags named (FLAGS), then the command's own: name=dict(argparse keywords), added
-    to FLAGS' where the flag is there (a command's help or default for a common flag)."""
+    to FLAGS' where the flag is there (what a common flag means for this command: its help, its
+    default, or required=True)."""
     for flag in common:
         parser.add_argument(flag, **FLAGS[flag])
     for name, keywords in own.items():

@@ -208,8 +208,11 @@ def pca_cmd(layer, points, png, json_out, **flags):
     # no need to run the layers after it
     upto = dataclasses.replace(cfg, num_hidden_layers=layer + 1)
     for run, run_lam in tqdm(runs.items(), desc=f"layer {layer}", unit="run"):
-        # each layer's outputs replace the last: upto's last layer is `layer`
-        keep = lambda n, q, k, a: outputs.update({run: a.double().cpu().numpy()})
+
+        def keep(n, q, k, a):
+            if n == layer:
+                outputs[run] = a.double().cpu().numpy()
+
         model.forward(w, upto, ids, lam=run_lam, hidden_only=True, probe=keep)
     # fitted on the positions inside the window past the starting tokens, where all three agree
     centre = outputs["vanilla"][G:L].mean(0)
@@ -287,7 +290,8 @@ def main(argv=None):
     for name, command in commands.items():
         # its docstring's first paragraph: what it shows
         p = cli.subcommand(sub, name, command.__doc__.split("\n\n")[0])
-        cli.add_flags(p, *common, text=dict(help="UTF-8 text to read"), **own[name], png={})
+        text = dict(required=True, help="UTF-8 text to read")
+        cli.add_flags(p, *common, text=text, **own[name], png={})
     args = cli.parse(parser, argv)
     # the outputs checked now, not after the model has run
     cli.writable(args["json_out"], args["text"], args["ckpt"])

@@ -3,7 +3,7 @@
 python -m lminf_min.eval ppl --text FILE --max-tokens 16384               # LM-Infinite
 python -m lminf_min.eval ppl --text FILE --max-tokens 16384 --vanilla     # full attention
 python -m lminf_min.eval ppl --text FILE --max-tokens 16384 --n-global 0  # window only
-python -m lminf_min.eval stream --text A.txt B.txt --tokens 200000        # flat speed, memory
+python -m lminf_min.eval stream --text A.txt B.txt --tokens 200000        # ppl, tokens/s, memory
 python -m lminf_min.eval passkey --lengths 4096,16384 --samples 20        # a hidden number
 
 The commands pass LM-Infinite's flags (--n-global, --n-local, --d-max; passkey's also
@@ -148,11 +148,12 @@ def stream(ckpt, text, tokens, segment, seed, json_out, device, dtype, **knobs):
     pending, seconds = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     start = 1  # the position of its first token (the first token has no prediction)
     bar = tqdm(total=tokens - 1, desc="stream", unit="tok", file=sys.stderr)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # the first segment's time includes the first calls' warm-up
     for nll in stream_nll(w, cfg, chunks, lam, model.pick_backend(device)):
         t1 = time.perf_counter()
         bar.update(len(nll))
         seconds = torch.cat([seconds, torch.full_like(nll, (t1 - t0) / len(nll))])
+        # t0 = t1: the reporting below counts towards the next chunk, so no time goes uncounted
         pending, total, t0 = torch.cat([pending, nll]), total + float(nll.sum()), t1
         # each whole segment, and at the stream's end (position `tokens`) the last, partial one
         while len(pending) >= segment or (len(pending) and start + len(pending) == tokens):
@@ -364,14 +365,14 @@ def main(argv=None):
     common = (*cli.MODEL, *cli.LAMBDA, "--json")  # what ppl, stream and passkey share
     own = {  # each command's own flags, after the common ones
         ppl: dict(
-            text={},
+            text=dict(required=True),
             max_tokens=dict(type=int, required=True, help="evaluate the text's first N tokens"),
             vanilla={},
             bucket=dict(default=4096, help="positions per perplexity bucket"),
             plot=dict(help="draw perplexity against position into this PNG"),
         ),
         stream: dict(
-            text=dict(nargs="+", help="UTF-8 documents, drawn with replacement"),
+            text=dict(nargs="+", required=True, help="UTF-8 documents, drawn with replacement"),
             tokens=dict(required=True, help="length of the stream"),
             segment=dict(type=int, default=20000, help="tokens per reported segment"),
             seed=dict(help="seed of the document draws"),
@@ -380,9 +381,7 @@ def main(argv=None):
             top_k_middle=dict(default=5),  # passkey compares with top-k, which needs some
             top_k_from_layer={},
             top_k_distance={},
-            lengths=dict(
-                default=[4096, 8192, 16384, 32768], help="prompt lengths, comma-separated"
-            ),
+            lengths=dict(default="4096,8192,16384,32768", help="prompt lengths, comma-separated"),
             samples=dict(type=int, default=20, help="prompts per length, keys spread over depths"),
             depths=dict(type=int, default=5, help="number of evenly spread key depths"),
             seed=dict(help="seed of the keys"),
@@ -392,7 +391,7 @@ def main(argv=None):
         cli.add_flags(cli.subcommand(sub, command.__name__, command.__doc__), *common, **flags)
     cli.add_flags(
         cli.subcommand(sub, "plot", plot.__doc__),
-        out=dict(help="PNG file to write"),
+        out=dict(required=True, help="PNG file to write"),
         title=dict(default="perplexity by position", help="plot title"),
     ).add_argument("results", nargs="+", help="JSON files written by `ppl --json`")
     args = cli.parse(parser, argv)

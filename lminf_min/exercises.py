@@ -82,7 +82,7 @@ def top_k_middle(logits, i, n_global, n_local, k):
 
 BOTCHAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "botchan.txt"
 FLAGS = {  # the runner's own flags, beside --n-global, --n-local and --ckpt (cli.FLAGS)
-    "text": dict(default=str(BOTCHAN), required=False, help="the text to score"),
+    "text": dict(default=str(BOTCHAN), help="the text to score"),
     "tokens": dict(default=256, help="tokens of the text to score"),
     "answers": dict(help="a file to take the answers from instead (e.g. docs/solutions.py)"),
     "flex": dict(action="store_true", help="mask exercises at full length: compiled FlexAttention"),

@@ -112,20 +112,24 @@ COMMANDS += ["lminf_min.exercises", "lminf_min.mask"]
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules after import:RuntimeWarning")
 def test_each_flag_is_declared_in_one_place(monkeypatch):
     """Every command line is built (`--help`), and each flag's declaration is found: the line
-    outside cli.py that added it. A flag declared on two lines must be one of cli.FLAGS."""
+    outside cli.py that added it. A flag declared on two lines must be one of cli.FLAGS, and those
+    are only ever added through cli.add_flags."""
     import argparse
     import runpy
     import traceback
 
     from lminf_min import cli
 
-    sites, add = {}, argparse.ArgumentParser.add_argument
+    sites, direct, add = {}, set(), argparse.ArgumentParser.add_argument
 
     def recorded(parser, *names, **keywords):
-        outside = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("cli.py")]
+        stack = traceback.extract_stack()[:-1]
+        outside = [f for f in stack if not f.filename.endswith("cli.py")]
         where = f"{Path(outside[-1].filename).name}:{outside[-1].lineno}"
         for name in names:
             sites.setdefault(name, set()).add(where)
+            if stack[-1].filename != cli.__file__:  # not through cli.add_flags
+                direct.add(name)
         return add(parser, *names, **keywords)
 
     monkeypatch.setattr(argparse.ArgumentParser, "add_argument", recorded)
@@ -137,6 +141,7 @@ def test_each_flag_is_declared_in_one_place(monkeypatch):
     assert {"--text", "--tokens", "--ckpt", "--n-local", "--force"} <= set(sites)  # all were seen
     twice = {flag: where for flag, where in sites.items() if len(where) > 1}
     assert set(twice) <= set(cli.FLAGS), {f: w for f, w in twice.items() if f not in cli.FLAGS}
+    assert not direct & set(cli.FLAGS), direct & set(cli.FLAGS)
 
 
 def test_generate_lambda_past_the_window_is_greedy_under_the_definition(sp_ckpt, tmp_path):

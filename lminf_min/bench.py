@@ -1,12 +1,11 @@
 """Speed, measured side by side in one run (these machines are shared and noisy: only ratios mean
 much).
 
-    python -m lminf_min.bench generate --text FILE --prompt-tokens 16384 --new-tokens 64
     python -m lminf_min.bench attention --lengths 4096,16384
     python -m lminf_min.bench prefill --text FILE --lengths 8192,32768
     python -m lminf_min.bench decode --contexts 4096,32768
 
-generate: generate.py vs transformers; attention: Λ attention (both backends) vs SDPA causal on
+attention: Λ attention (both backends) vs SDPA causal on
 random inputs; prefill: prompt tokens/s vs transformers; decode: ms/token after a long context vs
 transformers. Tokens/s and memory over a long stream of documents: `python -m lminf_min.eval
 stream`. A command's docstring begins with its --help line.
@@ -22,18 +21,14 @@ from lminf_min import caches, cli, generation, model
 from lminf_min.config import LambdaConfig, UserError
 
 
-def clock():
-    """perf_counter once the GPU has finished what it was given."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def ms(fn):
-    """The milliseconds one call of fn() takes."""
-    t0 = clock()
+    """The milliseconds one call of fn() takes, until the GPU (if any) has finished its work."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    sync()
+    t0 = time.perf_counter()
     fn()
-    return 1000 * (clock() - t0)
+    sync()
+    return 1000 * (time.perf_counter() - t0)
 
 
 def best_ms(fn, repeat=3):
@@ -42,20 +37,18 @@ def best_ms(fn, repeat=3):
     return min(ms(fn) for _ in range(repeat))
 
 
-def report(title, rows, json_out, device, dtype, shown=None, **extra):
-    """Print rows (dicts), or `shown` (the rows as printed, where they differ), as a markdown table
-    under a title naming device, dtype, threads, date and CPU; write those, `extra` and rows as
-    JSON."""
+def report(title, rows, json_out, device, dtype):
+    """Print rows (dicts) as a markdown table under a title naming device, dtype, threads, date and
+    CPU; write those and the rows as JSON."""
     meta = {"device": device, "dtype": dtype, "threads": torch.get_num_threads()}
     meta |= {"date": str(date.today()), "cpu": platform.processor() or platform.machine()}
     print(f"{title} ({', '.join(f'{k} {v}' for k, v in meta.items())})")
-    table = shown or rows
-    print("| " + " | ".join(table[0]) + " |\n" + "|---" * len(table[0]) + "|")
-    for row in table:
+    print("| " + " | ".join(rows[0]) + " |\n" + "|---" * len(rows[0]) + "|")
+    for row in rows:
         cells = (f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values())
         print("| " + " | ".join(cells) + " |")
     if json_out:
-        cli.write_json(json_out, meta | extra | {"rows": rows})
+        cli.write_json(json_out, meta | {"rows": rows})
 
 
 def hf_model(ckpt, device, dtype):
@@ -65,15 +58,6 @@ def hf_model(ckpt, device, dtype):
     kind = getattr(torch, dtype)
     hf = LlamaForCausalLM.from_pretrained(str(ckpt), dtype=kind, attn_implementation="sdpa")
     return hf.to(device).eval()
-
-
-def load_prompt(ckpt, device, dtype, text, tokens, flag):
-    """cli.load_text's checkpoint dir, config, weights and device, and the text's first `tokens`
-    token ids on that device; an error naming `flag` if there are fewer."""
-    ckpt, cfg, weights, device, _, ids = cli.load_text(ckpt, device, dtype, text, tokens)
-    if len(ids) < tokens:
-        raise UserError(f"{text} holds only {len(ids)} tokens; pass a longer text or lower {flag}")
-    return ckpt, cfg, weights, device, torch.tensor(ids, device=device)
 
 
 @torch.inference_mode()
@@ -124,7 +108,12 @@ def prefill(ckpt, text, lengths, json_out, device, dtype):
 
     generate.py's prefill (LM-Infinite, bounded cache) against one transformers forward pass."""
     cli.writable(json_out, text, ckpt)
-    ckpt, cfg, w, device, ids = load_prompt(ckpt, device, dtype, text, max(lengths), "--lengths")
+    ckpt, cfg, w, device, _, ids = cli.load_text(ckpt, device, dtype, text, max(lengths))
+    if len(ids) < max(lengths):
+        raise UserError(
+            f"{text} holds only {len(ids)} tokens; pass a longer text or lower --lengths"
+        )
+    ids = torch.tensor(ids, device=device)
     hf = hf_model(ckpt, device, dtype)
     lam = LambdaConfig.for_model(cfg)
     backend = model.pick_backend(device)
@@ -204,78 +193,9 @@ def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
     report(title, rows, json_out, device, dtype)
 
 
-def ours_generate(weights, cfg, ids, new_tokens, lam):
-    """generate.py's path: prefill, then new_tokens greedy decode steps (no stop at end-of-text);
-    the seconds each took, and the tokens, as a row of the table."""
-    cache, out, backend = caches.new_cache(cfg, lam), [], model.pick_backend(ids.device)
-    t0 = clock()
-    logits = generation.prefill(weights, cfg, ids, cache, lam, backend)
-    t1 = clock()
-    for _ in range(new_tokens):
-        out.append(int(logits.argmax()))
-        token = torch.tensor(out[-1:], device=ids.device)
-        logits = generation.decode_one_token(weights, cfg, token, cache, lam, backend)
-    decode_s = clock() - t1
-    return {
-        "seconds": t1 - t0 + decode_s,
-        "prefill_s": t1 - t0,
-        "decode_ms_per_token": 1000 * decode_s / new_tokens,
-        "tokens": out,
-    }
-
-
-def transformers_generate(ckpt, ids, new_tokens, dtype):
-    """The same with transformers' LlamaForCausalLM (SDPA attention, its own cache): the seconds
-    its generate takes, and its tokens."""
-    hf = hf_model(ckpt, ids.device, dtype)
-    # warm-up, as ours_generate() had
-    hf.generate(ids[None, :64], max_new_tokens=2, do_sample=False)
-    t0 = clock()
-    exactly = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)  # no stop at end-of-text
-    out = hf.generate(ids[None], **exactly, do_sample=False, num_beams=1)
-    seconds = clock() - t0
-    tokens = out[0, len(ids) :].tolist()
-    return {"seconds": seconds, "prefill_s": None, "decode_ms_per_token": None, "tokens": tokens}
-
-
-@torch.inference_mode()
-def generate(ckpt, text, prompt_tokens, new_tokens, json_out, device, dtype):
-    """prompt + greedy continuation: ours vs transformers
-
-    generate.py's path (LM-Infinite, then vanilla) against transformers' generate."""
-    cli.writable(json_out, text, ckpt)
-    flag = "--prompt-tokens"
-    ckpt, cfg, w, device, ids = load_prompt(ckpt, device, dtype, text, prompt_tokens, flag)
-    lam = LambdaConfig.for_model(cfg)
-    # warm-up: first calls pay for allocations and kernel choice
-    ours_generate(w, cfg, ids[:64], 2, lam)
-    rows = [
-        {"run": "lminf_min, LM-Infinite"} | ours_generate(w, cfg, ids, new_tokens, lam),
-        {"run": "lminf_min, vanilla"} | ours_generate(w, cfg, ids, new_tokens, None),
-        {"run": "transformers, SDPA"} | transformers_generate(ckpt, ids, new_tokens, dtype),
-    ]
-    base = rows[-1]["seconds"]
-    cell = lambda value, spec: "" if value is None else format(value, spec)
-    shown = [
-        {
-            "run": r["run"],
-            "total s": cell(r["seconds"], ".1f"),
-            "prefill s": cell(r["prefill_s"], ".1f"),
-            "decode ms/token": cell(r["decode_ms_per_token"], ".0f"),
-            "time vs transformers": f"{r['seconds'] / base:.2f}x",
-        }
-        for r in rows
-    ]
-    same = rows[1]["tokens"] == rows[2]["tokens"]
-    title = f"{len(ids)}-token prompt + {new_tokens} greedy tokens"
-    meta = dict(prompt_tokens=len(ids), new_tokens=new_tokens, vanilla_equals_transformers=same)
-    report(title, rows, json_out, device, dtype, shown, **meta)
-    print(f"vanilla and transformers chose the same {new_tokens} tokens: {same}")
-
-
 def checked(args):
     """The sub-command's arguments, every count and length at least 1 (one line if not)."""
-    for name in ("lengths", "contexts", "tokens", "prompt_tokens", "new_tokens"):
+    for name in ("lengths", "contexts", "tokens"):
         values = args.get(name, [1])
         if min(values if isinstance(values, list) else [values]) < 1:
             raise UserError(f"--{name.replace('_', '-')} is {values}; give numbers of at least 1")
@@ -285,49 +205,37 @@ def checked(args):
 def main(argv=None):
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    lengths = lambda default, what: dict(type=cli.numbers, default=default, help=what)
-
-    def command(run, *common, **own):
-        """The sub-command named after the function `run`, its docstring's first paragraph as help:
-        the common flags named (cli.FLAGS), then --device, --dtype and --json, which every one
-        takes, then its own."""
-        what = run.__doc__.split("\n\n")[0]
-        flags = (*common, "--device", "--dtype", "--json")
-        subparser = cli.add_flags(cli.subcommand(sub, run.__name__, what), *flags, **own)
-        subparser.set_defaults(run=run)
-        return subparser
-
-    command(
-        generate,
-        "--ckpt",
-        text=dict(required=True, help="UTF-8 text whose first tokens are the prompt"),
-        prompt_tokens=dict(type=int, default=16384, help="prompt length in tokens"),
-        new_tokens=dict(type=int, default=64, help="greedy tokens generated after it"),
-    )
-    command(
-        attention,
-        "--n-global",
-        "--n-local",
-        lengths=lengths("4096,16384", "sequence lengths"),
-        heads=lengths("9,3,64", "query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)"),
-        profile=dict(action="store_true", help="then print torch.profiler's table for one call"),
-    ).set_defaults(n_local=8192)  # no model here: L, and d_max = L
-    command(
-        prefill,
-        "--ckpt",
-        text=dict(required=True, help="UTF-8 text whose first tokens are the prompts"),
-        lengths=lengths("8192,32768", "prompt lengths"),
-    )
-    command(
-        decode,
-        "--ckpt",
-        "--n-local",
-        contexts=lengths("4096,32768", "context lengths"),
-        tokens=dict(default=8, help="decode steps timed per context (the fastest counts)"),
-    )
+    own = {  # each sub-command's flags beside --device, --dtype and --json, which all take
+        attention: dict(
+            n_global={},
+            n_local=dict(default=8192),  # no model here: L, and d_max = L
+            lengths=dict(default="4096,16384", help="sequence lengths"),
+            heads=dict(
+                type=cli.numbers,
+                default="9,3,64",
+                help="query heads, key/value heads, head dim (Llama-2-7B: 32,32,128)",
+            ),
+            profile=dict(
+                action="store_true", help="then print torch.profiler's table for one call"
+            ),
+        ),
+        prefill: dict(
+            ckpt={},
+            text=dict(required=True, help="UTF-8 text whose first tokens are the prompts"),
+            lengths=dict(default="8192,32768", help="prompt lengths"),
+        ),
+        decode: dict(
+            ckpt={},
+            n_local={},
+            contexts=dict(type=cli.numbers, default="4096,32768", help="context lengths"),
+            tokens=dict(default=8, help="decode steps timed per context (the fastest counts)"),
+        ),
+    }
+    for run, flags in own.items():  # named after its function, its docstring's first line as help
+        command = cli.subcommand(sub, run.__name__, run.__doc__.split("\n\n")[0])
+        cli.add_flags(command, "--device", "--dtype", "--json", **flags)
     args = checked(cli.parse(parser, argv))
-    del args["command"]
-    args.pop("run")(**args)
+    {run.__name__: run for run in own}[args.pop("command")](**args)
 
 
 if __name__ == "__main__":

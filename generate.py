@@ -16,7 +16,6 @@ import torch
 from lminf_min import caches, cli, model
 from lminf_min.config import LambdaConfig, UserError
 from lminf_min.generation import decode_one_token, prefill, sample
-from lminf_min.tokenizer import Tokenizer
 
 
 @torch.inference_mode()
@@ -32,10 +31,7 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla
     top_k = knobs.pop("top_k_middle")
     if vanilla and top_k:
         raise UserError("--top-k-middle is part of LM-Infinite; drop --vanilla or --top-k-middle")
-    text = cli.read_prompt(prompt)
-    ckpt, cfg, weights, device = cli.load_model(ckpt, device, dtype)
-    tok = Tokenizer(ckpt, cfg.vocab_size)
-    ids = tok.encode(text)
+    ckpt, cfg, weights, device, tok, ids = cli.load_text(ckpt, device, dtype, prompt)
     lam = None if vanilla else LambdaConfig.for_model(cfg, top_k=top_k, **knobs)
     if lam is None and len(ids) > cfg.max_position_embeddings:
         trained = f"the {cfg.max_position_embeddings} this model was trained on"

@@ -245,10 +245,12 @@ def load_model(ckpt, device, dtype):
 
 def load_text(ckpt, device, dtype, text, tokens=None):
     """load_model's (checkpoint dir, config, weights, device), then the checkpoint's tokenizer and
-    the ids of the first `tokens` tokens of a text file (all of them if None)."""
+    the ids of the first `tokens` tokens of a text file (all of them if None). The file is read
+    first: a bad one fails before the model loads."""
+    text = read_prompt(text)
     ckpt, cfg, weights, device = load_model(ckpt, device, dtype)
     tok = Tokenizer(ckpt, cfg.vocab_size)
-    return ckpt, cfg, weights, device, tok, tok.encode(read_prompt(text))[:tokens]
+    return ckpt, cfg, weights, device, tok, tok.encode(text)[:tokens]
 
 
 def peak_memory_mb(device):

@@ -151,6 +151,26 @@ def test_eval_stream_cli(sp_ckpt, tmp_path):
     assert r.stdout.count(" tokens/s   peak memory ") == 3
 
 
+def test_stream_speed_shares_each_chunks_time_among_its_tokens(sp_ckpt, tmp_path, monkeypatch):
+    """With a clock on which every chunk takes exactly one second, a segment's tokens/s is its
+    token count over the sum of 1 / (tokens its chunk scored), token by token: segments that end
+    mid-chunk get their part of it, the first chunk (no prediction for token 0) one token less."""
+    text, out = tmp_path / "a.txt", tmp_path / "s.json"
+    text.write_text("the cat sat on the mat and ran to see the dog")
+    clock = iter(range(1000))
+    monkeypatch.setattr(lm_eval, "time", type("Clock", (), {"perf_counter": lambda: next(clock)}))
+    monkeypatch.setattr(lm_eval, "CHUNK", 50)
+    knobs = dict(n_global=2, n_local=16, d_max=None)
+    lm_eval.stream(sp_ckpt, [text], 300, 120, 0, out, "cpu", "float32", **knobs)
+    # positions 1..299 are predicted; chunk c holds positions 50c..50c+49, chunk 0 predicts 49
+    per_token = {p: 1 / (49 if p < 50 else 50) for p in range(1, 300)}
+    segments = json.loads(out.read_text())["segments"]
+    assert [(s["start"], s["end"]) for s in segments] == [(1, 121), (121, 241), (241, 300)]
+    for s in segments:
+        seconds = sum(per_token[p] for p in range(s["start"], s["end"]))
+        assert s["tokens_per_s"] == pytest.approx((s["end"] - s["start"]) / seconds, rel=1e-12)
+
+
 def test_passkey_prompt_has_exact_length_and_key_at_depth(sp_ckpt):
     tok = Tokenizer(sp_ckpt)
     key_ids = tok.encode(lm_eval.PASSKEY_KEY.format(key="12345"))

@@ -54,17 +54,18 @@ def render(T, lam):
 
 
 def draw(T, lam, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig = Figure(figsize=(6, 6))
+    ax = fig.subplots()
     colours = ListedColormap(["#f4f4f4", "#3b75af", "#d1492e", "#8fb4d9"])  # as mask_codes
     ax.imshow(mask_codes(T, lam), cmap=colours, vmin=0, vmax=3)
     title = f"Λ mask: G={lam.n_global} starting tokens (red), window L={lam.n_local} (blue)"
     ax.set(xlabel="key position j", ylabel="query position i", title=title)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(integer=True))  # positions are whole numbers
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")  # the name as given
 

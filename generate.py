@@ -65,8 +65,7 @@ def main(ckpt, prompt, max_new_tokens, temperature, seed, device, dtype, vanilla
         text_so_far = tok.decode(out)
         # hold back a partial UTF-8 character until it is complete
         if not text_so_far.endswith("\ufffd"):
-            sys.stdout.write(text_so_far[len(printed) :])
-            sys.stdout.flush()
+            print(text_so_far[len(printed) :], end="", flush=True)
             printed = text_so_far
         logits = decode_one_token(
             weights, cfg, torch.tensor(next_id, device=device), cache, lam, backend

@@ -417,15 +417,13 @@ def main(argv=None):
     smollm2 = sub.add_parser("smollm2", help="fetch and convert SmolLM2-135M-Instruct's GGUF")
     cli.add_flags(smollm2, out=dict(help=f"output directory (default: {DEFAULT_OUT})"))
     convert = sub.add_parser("convert-gguf", help="convert a Llama GGUF file to a checkpoint")
-    convert.add_argument("file", help="the .gguf file")
+    convert.add_argument("gguf_path", metavar="file", help="the .gguf file")
     cli.add_flags(convert, out=dict(required=True, help="output directory, new unless --force"))
     for p in (smollm2, convert):
         p.add_argument("--force", action="store_true", help="replace an --out converted before")
-    args = parser.parse_args(argv)
-    if args.command == "smollm2":
-        print(default_checkpoint(args.out, force=args.force))
-    else:
-        print(convert_gguf(args.file, args.out, force=args.force))
+    args = vars(parser.parse_args(argv))
+    command = {"smollm2": default_checkpoint, "convert-gguf": convert_gguf}[args.pop("command")]
+    print(command(**args))
 
 
 if __name__ == "__main__":

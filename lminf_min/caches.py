@@ -30,12 +30,14 @@ class KVCache:
         """Append this chunk's (H_kv, T, hd) keys/values; return all keys, values (H_kv, S, hd) and
         their positions (S,)."""
         start, end = self.length, self.length + k.shape[1]
-        if self.k[layer] is None or end > self.k[layer].shape[1]:
-            capacity = max(2 * end, 256)  # doubled: appending a token rarely copies the cache
-            self.k[layer] = _grown(self.k[layer], k, start, capacity)
-            self.v[layer] = _grown(self.v[layer], v, start, capacity)
-        self.k[layer][:, start:end] = k
-        self.v[layer][:, start:end] = v
+        for buffers, new in ((self.k, k), (self.v, v)):
+            old = buffers[layer]
+            if old is None or end > old.shape[1]:
+                # doubled: appending a token rarely copies the cache
+                buffers[layer] = new.new_empty(new.shape[0], max(2 * end, 256), new.shape[2])
+                if old is not None:
+                    buffers[layer][:, :start] = old[:, :start]
+            buffers[layer][:, start:end] = new
         return self.k[layer][:, :end], self.v[layer][:, :end], torch.arange(end, device=k.device)
 
     def begin(self, T, lam):
@@ -51,14 +53,6 @@ class KVCache:
         return sum(
             t[:, : self.length].numel() * t.element_size() for t in self.k + self.v if t is not None
         )
-
-
-def _grown(buffer, like, keep, capacity):
-    """A (H_kv, capacity, hd) buffer holding the first `keep` positions of `buffer`."""
-    new = like.new_empty(like.shape[0], capacity, like.shape[2])
-    if buffer is not None:
-        new[:, :keep] = buffer[:, :keep]
-    return new
 
 
 class LambdaCache:
@@ -89,10 +83,13 @@ class LambdaCache:
         G, L = self.lam.n_global, self.lam.n_local
         return torch.where(positions < G, positions, G + (positions - G) % L)
 
-    def kept(self, positions):
-        """Of a chunk's positions, those still in the cache after it: the ones its last query sees
-        under the Λ mask (the starting ones and the last L). Every later query sees no others."""
-        return lambda_mask(positions[-1], positions, self.lam)
+    def chunk(self, T, device):
+        """The next T positions, which of them stay in the cache after the chunk (the ones its last
+        query sees under the Λ mask: the starting ones and the last L; every later query sees no
+        others) and the slots of those."""
+        positions = torch.arange(self.length, self.length + T, device=device)
+        keep = lambda_mask(positions[-1], positions, self.lam)
+        return positions, keep, self.slot(positions[keep])
 
     def update(self, layer, k, v):
         """Store this chunk's (H_kv, T, hd) keys/values; return the keys, values and positions to
@@ -109,9 +106,7 @@ class LambdaCache:
             self.k[layer] = k.new_zeros(k.shape[0], n, k.shape[2])
             self.v[layer] = v.new_zeros(v.shape[0], n, v.shape[2])
         self.pos = self.pos.to(k.device)
-        positions = torch.arange(self.length, self.length + T, device=k.device)
-        keep = self.kept(positions)
-        slots = self.slot(positions[keep])
+        positions, keep, slots = self.chunk(T, k.device)
         if T == 1:
             self.k[layer][:, slots], self.v[layer][:, slots] = k, v
             pos = self.pos.clone()
@@ -124,9 +119,8 @@ class LambdaCache:
         return keys, values, torch.cat([self.pos[:filled], positions])
 
     def advance(self, T):
-        positions = torch.arange(self.length, self.length + T, device=self.pos.device)
-        keep = self.kept(positions)
-        self.pos[self.slot(positions[keep])] = positions[keep]
+        positions, keep, slots = self.chunk(T, self.pos.device)
+        self.pos[slots] = positions[keep]
         self.length += T
 
     def begin(self, T, lam):

@@ -113,8 +113,7 @@ def parse(parser, argv=None):
         for value in values if isinstance(values, list) else [values]:
             if name == "seed" and not 0 <= value < 2**64:
                 raise UserError(f"{flag} is {value}; it must be a whole number from 0 to 2^64 - 1")
-            big = isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST
-            if big and name != "seed":
+            if name != "seed" and isinstance(value, int) and abs(value) > LARGEST:
                 raise UserError(f"{flag} is {value}; it must be at most 10^15")
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"{flag} is {value}; it must be a finite number")

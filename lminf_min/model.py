@@ -46,12 +46,12 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, middle=Fal
 
     Without lam: causal attention through SDPA over keys that must be positions 0..S-1 in order (as
     every cache here returns them while no query is past the first window), whose enable_gqa shares
-    each key/value head among H/H_kv query heads without copying (the batch axis of 1
-    matters: with 4-D inputs torch picks its fused flash kernel on CPU, 3x faster). With lam: Λ
-    attention through `backend` (pick_backend chooses it once per device: Flex on CUDA, blocks on
-    CPU); keys may come in any order (LambdaCache's ring).
+    each key/value head among H/H_kv query heads without copying (the batch axis of 1 matters: with
+    4-D inputs torch picks its fused flash kernel on CPU, 3x faster). With lam: Λ attention through
+    `backend` (pick_backend chooses it once per device: Flex on CUDA, the block loop
+    lambda_attention on CPU); keys may come in any order (LambdaCache's ring).
     middle: one decoding query that also sees the lam.top_k middle keys with the largest logits
-    (paper §4), always through blocks, which merges them into the same softmax.
+    (paper §4), always through lambda_attention, which merges them into the same softmax.
     """
     if lam is None:
         return causal_attention(q, k, v)
@@ -62,7 +62,7 @@ def attention(q, k, v, theta, lam: LambdaConfig | None, q_pos, k_pos, middle=Fal
             ">= n_local - 1"
         )
     if middle or backend is None:
-        return blocks(q, k, v, theta, lam, q_pos, k_pos, middle)
+        return lambda_attention(q, k, v, theta, lam, q_pos, k_pos, middle)
     return backend(q, k, v, theta, lam, q_pos, k_pos)
 
 
@@ -92,7 +92,7 @@ def pick_backend(device):
     """The Λ attention backend for a device, chosen once: one FlexAttention call on CUDA, the block
     loop elsewhere (on this project's 2-core CPU the block loop is faster than compiled flex:
     docs/results.md)."""
-    return Flex(dynamic=None) if torch.device(device).type == "cuda" else blocks
+    return Flex(dynamic=None) if torch.device(device).type == "cuda" else lambda_attention
 
 
 class Flex:
@@ -145,32 +145,12 @@ class Flex:
         return out[0]
 
 
-def blocks(
-    q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, middle=False, most=BLOCK, cpu_kernel=True
-):
-    """The block-loop backend: the queries still inside the first window take one causal call (Λ
-    attention is exactly causal attention there), the others go through lambda_attention.
-
-    most: the largest block of queries; cpu_kernel=False takes the written-out path that devices
-    other than the CPU take (tests run both on the CPU).
-    """
-    m = int((q_pos < lam.n_local).sum())  # queries still inside the first window
-    out = lambda_attention(q[:, m:], k, v, theta, lam, q_pos[m:], k_pos, middle, most, cpu_kernel)
-    if m == 0:
-        return out
-    # Those m do plain causal attention over positions 0..S-1: no cache has wrapped yet, so these
-    # keys come first and in order.
-    S = int(q_pos[m - 1]) + 1
-    if not torch.equal(k_pos[:S], torch.arange(S, device=k_pos.device)):
-        raise ValueError("queries inside the first window need keys 0..S-1 first and in order")
-    return torch.cat([causal_attention(q[:, :m], k[:, :S], v[:, :S], cpu_kernel), out], dim=1)
-
-
 def lambda_attention(
     q, k, v, theta, lam: LambdaConfig, q_pos, k_pos, middle=False, most=BLOCK, cpu_kernel=True
 ):
-    """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory, a block of queries
-    at a time.
+    """Λ attention, equal to reference.attention, in O(T·(G+L)) time and memory: the block-loop
+    backend. The queries still inside the first window take one causal call (Λ attention is
+    exactly causal attention there), the others go a block of queries at a time.
 
     A query's logits fall into groups that share one softmax: the local band (its L most recent
     keys, at their true distance i - j <= L - 1 <= d_max, i.e. plain RoPE), the starting tokens j <
@@ -181,37 +161,45 @@ def lambda_attention(
     tokens, top-k) are computed here, and merged() joins the partial softmaxes by their
     log-sum-exps: exactly one softmax over all groups. Keys may come in any order (LambdaCache keeps
     a ring buffer); queries come in ascending order.
+    most: the largest block of queries; cpu_kernel=False takes the written-out path that devices
+    other than the CPU take (tests run both on the CPU).
     """
     G, L, d_max = lam.n_global, lam.n_local, lam.d_max
     (H, T, hd), H_kv = q.shape, k.shape[0]
     n = H // H_kv  # query heads per key/value head
+    # edges grow with the block: keep it well below L
+    out, block = (torch.empty_like(q), min(most, max(64, L // 32)))
+    m = int((q_pos < L).sum())  # queries still inside the first window
+    if m:
+        # There it is plain causal attention over positions 0..S-1: no cache has wrapped yet, so
+        # these keys come first and in order.
+        S = int(q_pos[m - 1]) + 1
+        if not torch.equal(k_pos[:S], torch.arange(S, device=k_pos.device)):
+            raise ValueError("queries inside the first window need keys 0..S-1 first and in order")
+        out[:, :m] = causal_attention(q[:, :m], k[:, :S], v[:, :S], cpu_kernel)
     is_start = k_pos < G
     # (H_kv, g, hd), (1, g)
     k_start, v_start, jg = (k[:, is_start], v[:, is_start], k_pos[is_start][None, :])
     # q_i and k_j are rotated by i and j, so their product is the logit at i - j. Past d_max, the
     # paper's trick: the query rotated to d_max and the key rotated back to 0 give the logit at
     # exactly d_max.
-    q_far = rope(q, rope_angles(d_max - q_pos, hd, theta))
     k_start0 = rope(k_start, rope_angles(-jg[0], hd, theta))
     # logits (H_kv, n, B, K) of grouped queries (H_kv, n, B, hd) over keys (H_kv, K, hd)
     scores = lambda queries, keys: torch.einsum("knbd,kgd->knbg", queries, keys).float()
-    # edges grow with the block: keep it well below L
-    out, block = (torch.empty_like(q), min(most, max(64, L // 32)))
-    for a in range(0, T, block):
+    for a in range(m, T, block):
         B = min(block, T - a)
         i = q_pos[a : a + B][:, None]  # (B, 1)
         # heads grouped by their key/value head
         grouped = lambda x: x.reshape(H_kv, n, B, hd) / math.sqrt(hd)
         qb, dg = grouped(q[:, a : a + B]), i - jg  # dg: distances to the starting tokens (B, g)
+        q_far = grouped(rope(q[:, a : a + B], rope_angles(d_max - i[:, 0], hd, theta)))  # at d_max
         full = (k_pos > i[-1] - L) & (k_pos <= i[0])  # band keys every query of the block sees
         # band keys only some see: at most 2·BLOCK - 2
         edge = (k_pos > i[0] - L) & (k_pos <= i[-1]) & ~full
         de = i - k_pos[edge]
         edges = scores(qb, k[:, edge]).masked_fill_((de < 0) | (de >= L), -math.inf)
         # (H_kv, n, B, g)
-        start = torch.where(
-            dg > d_max, scores(grouped(q_far[:, a : a + B]), k_start0), scores(qb, k_start)
-        )
+        start = torch.where(dg > d_max, scores(q_far, k_start0), scores(qb, k_start))
         start.masked_fill_(dg < L, -math.inf)  # inside the window they are band keys
         # (logits (H_kv, n, B, *), values)
         groups = [(edges, v[:, edge][:, None]), (start, v_start[:, None])]
@@ -246,9 +234,8 @@ def keys_at(x, where):
     """x[:, where] for a boolean where over the keys: a view, not a copy, when the chosen keys are
     contiguous."""
     idx = where.nonzero()[:, 0]
-    return (
-        x[:, int(idx[0]) : int(idx[-1]) + 1] if int(idx[-1] - idx[0]) + 1 == len(idx) else x[:, idx]
-    )
+    first, end = int(idx[0]), int(idx[-1]) + 1
+    return x[:, first:end] if end - first == len(idx) else x[:, idx]
 
 
 def attend(q, k, v, cpu_kernel=True):
@@ -327,10 +314,10 @@ def forward(
     probe: called as probe(layer, q, k, a) with this chunk's rotated queries and keys and its
     attention output (T, H*hd) (how diagnose.py looks inside).
     backend: how Λ attention is computed (see attention; pick_backend(device) chooses it once);
-    None: blocks.
+    None: lambda_attention.
     """
     w = weights
-    H, H_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    H, hd = cfg.num_attention_heads, cfg.head_dim
     T = tokens.shape[0]
     if decoding and T != 1:
         raise ValueError(f"decoding=True takes one token, not {T}")
@@ -338,15 +325,13 @@ def forward(
     q_pos = torch.arange(start, start + T, device=tokens.device)
     # (T, hd/2): small angles, see caches.LambdaCache
     angles = rope_angles(q_pos - origin, hd, cfg.rope_theta)
+    heads = lambda y: y.view(T, -1, hd).transpose(0, 1)  # (T, heads * hd) -> (heads, T, hd)
     x = w["model.embed_tokens.weight"][tokens]  # (T, C)
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(T, H, hd).transpose(0, 1)  # (H, T, hd)
-        # (H_kv, T, hd)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T).view(T, H_kv, hd).transpose(0, 1)
-        # (H_kv, T, hd)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(T, H_kv, hd).transpose(0, 1)
+        # (H, T, hd), (H_kv, T, hd), (H_kv, T, hd)
+        q, k, v = (heads(h @ w[f"{p}self_attn.{name}_proj.weight"].T) for name in "qkv")
         q, k = rope(q, angles), rope(k, angles)
         # (H_kv, S, hd), (S,)
         k_all, v, k_pos = cache.update(layer, k, v) if cache is not None else (k, v, q_pos)

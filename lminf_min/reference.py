@@ -114,16 +114,13 @@ def forward(
     w = {name: np.asarray(t, dtype=np.float64) for name, t in weights.items()}
     H, H_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     T = len(tokens)
+    heads = lambda y: y.reshape(T, -1, hd).transpose(1, 0, 2)  # (T, heads * hd) -> (heads, T, hd)
     x = w["model.embed_tokens.weight"][np.asarray(tokens)]  # (T, C)
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-        # (H, T, hd)
-        q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(T, H, hd).transpose(1, 0, 2)
-        # (H_kv, T, hd)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(T, H_kv, hd).transpose(1, 0, 2)
-        # (H_kv, T, hd)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(T, H_kv, hd).transpose(1, 0, 2)
+        # (H, T, hd), (H_kv, T, hd), (H_kv, T, hd)
+        q, k, v = (heads(h @ w[f"{p}self_attn.{name}_proj.weight"].T) for name in "qkv")
         k, v = repeat_kv(k, H // H_kv), repeat_kv(v, H // H_kv)  # (H, T, hd)
         rows = ()  # paper §4: generated tokens see top-k middle keys in the layers asking for them
         if decoding_from is not None and lam.top_k and layer >= lam.top_k_from_layer:

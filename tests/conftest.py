@@ -148,8 +148,8 @@ def backends():
     from lminf_min import model
 
     return {
-        "blocks": model.blocks,
-        "blocks written out": partial(model.blocks, cpu_kernel=False),
+        "blocks": model.lambda_attention,
+        "blocks written out": partial(model.lambda_attention, cpu_kernel=False),
         "flex eager": model.Flex(compiled=False),
     }
 

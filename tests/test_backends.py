@@ -133,7 +133,7 @@ def test_flex_runs_any_mask_function(flex):
 
 
 def test_the_private_cpu_kernel_is_there():
-    """blocks needs torch's fused CPU kernel that also returns the log-sum-exp
+    """lambda_attention needs torch's fused CPU kernel that also returns the log-sum-exp
     (model.cpu_flash_attention)."""
     assert hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"), (
         f"torch {torch.__version__} no longer has "
@@ -148,7 +148,9 @@ def test_the_private_cpu_kernel_is_there():
 
 
 def test_backend_is_chosen_once_per_device():
-    assert model.pick_backend("cpu") is model.blocks  # faster than compiled flex on this CPU
+    assert (
+        model.pick_backend("cpu") is model.lambda_attention
+    )  # faster than compiled flex on this CPU
     assert isinstance(model.pick_backend("cuda"), model.Flex)
 
 

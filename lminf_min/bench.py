@@ -5,10 +5,10 @@ much).
     python -m lminf_min.bench prefill --text FILE --lengths 8192,32768
     python -m lminf_min.bench decode --contexts 4096,32768
 
-attention: Λ attention (both backends) vs SDPA causal on
-random inputs; prefill: prompt tokens/s vs transformers; decode: ms/token after a long context vs
-transformers. Tokens/s and memory over a long stream of documents: `python -m lminf_min.eval
-stream`. A command's docstring begins with its --help line.
+attention: Λ attention (both backends) vs SDPA causal on random inputs; prefill: prompt tokens/s vs
+transformers; decode: ms/token after a long context vs transformers. Tokens/s and memory over a
+long stream of documents: `python -m lminf_min.eval stream`. A command's docstring begins with its
+--help line.
 """
 
 import platform
@@ -67,8 +67,7 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
     One layer's attention on random inputs: the block loop and compiled FlexAttention against SDPA
     with a causal mask. Flex's first call at each length compiles it (not timed)."""
     cli.writable(json_out)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = cli.resolve_device(device)
     if len(heads) != 3 or min(heads) < 1 or heads[0] % heads[1] or heads[2] % 2:
         raise UserError(
             f"--heads {heads}: give three positive numbers, query heads a multiple of key/value "
@@ -231,9 +230,10 @@ def main(argv=None):
             tokens=dict(default=8, help="decode steps timed per context (the fastest counts)"),
         ),
     }
-    for run, flags in own.items():  # named after its function, its docstring's first line as help
-        command = cli.subcommand(sub, run.__name__, run.__doc__.split("\n\n")[0])
-        cli.add_flags(command, "--device", "--dtype", "--json", **flags)
+    # each named after its function, its docstring's first paragraph as help
+    for run, flags in own.items():
+        subparser = cli.subcommand(sub, run.__name__, run.__doc__.split("\n\n")[0])
+        cli.add_flags(subparser, "--device", "--dtype", "--json", **flags)
     args = checked(cli.parse(parser, argv))
     {run.__name__: run for run in own}[args.pop("command")](**args)
 

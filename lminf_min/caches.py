@@ -83,7 +83,7 @@ class LambdaCache:
         G, L = self.lam.n_global, self.lam.n_local
         return torch.where(positions < G, positions, G + (positions - G) % L)
 
-    def chunk(self, T, device):
+    def placement(self, T, device):
         """The next T positions, which of them stay in the cache after the chunk (the ones its last
         query sees under the Λ mask: the starting ones and the last L; every later query sees no
         others) and the slots of those."""
@@ -106,7 +106,7 @@ class LambdaCache:
             self.k[layer] = k.new_zeros(k.shape[0], n, k.shape[2])
             self.v[layer] = v.new_zeros(v.shape[0], n, v.shape[2])
         self.pos = self.pos.to(k.device)
-        positions, keep, slots = self.chunk(T, k.device)
+        positions, keep, slots = self.placement(T, k.device)
         if T == 1:
             self.k[layer][:, slots], self.v[layer][:, slots] = k, v
             pos = self.pos.clone()
@@ -119,7 +119,7 @@ class LambdaCache:
         return keys, values, torch.cat([self.pos[:filled], positions])
 
     def advance(self, T):
-        positions, keep, slots = self.chunk(T, self.pos.device)
+        positions, keep, slots = self.placement(T, self.pos.device)
         self.pos[slots] = positions[keep]
         self.length += T
 

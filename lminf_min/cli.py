@@ -175,7 +175,7 @@ def read_prompt(path):
     path = Path(path)
     error = lambda what, fix: UserError(f"prompt file {path} {what}; {fix}")
     if not path.is_file():
-        raise error("not found", "pass --prompt with the path of a text file")
+        raise error("not found", "pass the path of an existing text file")
     # its text and token ids take several times the file's size
     free, need = available_memory(), 4 * path.stat().st_size
     if free is not None and need > free:
@@ -215,13 +215,20 @@ def available_memory():
         return free
 
 
+def resolve_device(device):
+    """The --device flag's device: auto is cuda if torch sees a GPU, else cpu; cuda without one is
+    a clear error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
 def load_model(ckpt, device, dtype):
     """(checkpoint dir, config, weights, device) for the --ckpt, --device and --dtype flags, with
     clear errors."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
+    device = resolve_device(device)
     # private to torch: assume yes if gone
     has = lambda feature: getattr(torch.cpu, f"_is_{feature}_supported", lambda: True)()
     if device == "cpu" and dtype == "float16" and not has("amx_fp16"):
@@ -242,11 +249,11 @@ def load_model(ckpt, device, dtype):
     return ckpt, cfg, weights, device
 
 
-def load_text(ckpt, device, dtype, text, tokens=None):
+def load_text(ckpt, device, dtype, path, tokens=None):
     """load_model's (checkpoint dir, config, weights, device), then the checkpoint's tokenizer and
     the ids of the first `tokens` tokens of a text file (all of them if None). The file is read
     first: a bad one fails before the model loads."""
-    text = read_prompt(text)
+    text = read_prompt(path)
     ckpt, cfg, weights, device = load_model(ckpt, device, dtype)
     tok = Tokenizer(ckpt, cfg.vocab_size)
     return ckpt, cfg, weights, device, tok, tok.encode(text)[:tokens]

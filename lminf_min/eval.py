@@ -138,10 +138,11 @@ def stream(ckpt, text, tokens, segment, seed, json_out, device, dtype, **knobs):
     if tokens < 2 or segment < 1:
         raise UserError("--tokens must be at least 2 and --segment at least 1")
     cli.writable(json_out, *text, ckpt)
+    texts = [cli.read_prompt(t) for t in text]  # before the model: a bad file fails at once
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     lam = LambdaConfig.for_model(cfg, **knobs)
     tok = Tokenizer(ckpt, cfg.vocab_size)
-    docs = [tok.encode(cli.read_prompt(t)) for t in text]
+    docs = [tok.encode(t) for t in texts]
     chunks = (c.to(device) for c in sampled_stream(docs, tokens, seed))
     rows, total = [], 0.0
     # the segment being filled: the NLL of each token, and its share of its chunk's seconds
@@ -191,9 +192,8 @@ def ppl(ckpt, text, max_tokens, vanilla, bucket, json_out, plot, device, dtype, 
         raise UserError("--max-tokens must be at least 2 and --bucket at least 1")
     cli.writable(json_out, text, ckpt)
     cli.writable(plot, text, ckpt, json_out)
-    ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
+    ckpt, cfg, w, device, _, ids = cli.load_text(ckpt, device, dtype, text, max_tokens)
     lam = None if vanilla else LambdaConfig.for_model(cfg, **knobs)  # refused before the slow part
-    ids = Tokenizer(ckpt, cfg.vocab_size).encode(cli.read_prompt(text))[:max_tokens]
     if len(ids) < 2:
         raise UserError(f"{text} holds fewer than 2 tokens; perplexity needs a longer text")
     if len(ids) < max_tokens:

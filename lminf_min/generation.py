@@ -24,7 +24,8 @@ def sample(logits, temperature, generator):
 def prefill(weights, cfg, tokens, cache, lam=None, backend=None):
     """Run the prompt through the model chunk by chunk, filling the cache; logits (V,) of its last
     token.
-    backend: how Λ attention is computed (model.pick_backend(device)); None: the block loop."""
+    backend: how Λ attention is computed (model.pick_backend(device)); None: the block loop,
+    model.lambda_attention."""
     chunks = tokens.split(PREFILL_CHUNK)
     for chunk in tqdm(
         chunks, desc="prefill", unit="chunk", disable=len(chunks) < 4, file=sys.stderr

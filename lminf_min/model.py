@@ -169,30 +169,31 @@ def lambda_attention(
     n = H // H_kv  # query heads per key/value head
     # edges grow with the block: keep it well below L
     out, block = (torch.empty_like(q), min(most, max(64, L // 32)))
-    m = int((q_pos < L).sum())  # queries still inside the first window
-    if m:
+    inside = int((q_pos < L).sum())  # queries still inside the first window
+    if inside:
         # There it is plain causal attention over positions 0..S-1: no cache has wrapped yet, so
         # these keys come first and in order.
-        S = int(q_pos[m - 1]) + 1
+        S = int(q_pos[inside - 1]) + 1
         if not torch.equal(k_pos[:S], torch.arange(S, device=k_pos.device)):
             raise ValueError("queries inside the first window need keys 0..S-1 first and in order")
-        out[:, :m] = causal_attention(q[:, :m], k[:, :S], v[:, :S], cpu_kernel)
+        out[:, :inside] = causal_attention(q[:, :inside], k[:, :S], v[:, :S], cpu_kernel)
     is_start = k_pos < G
     # (H_kv, g, hd), (1, g)
     k_start, v_start, jg = (k[:, is_start], v[:, is_start], k_pos[is_start][None, :])
     # q_i and k_j are rotated by i and j, so their product is the logit at i - j. Past d_max, the
-    # paper's trick: the query rotated to d_max and the key rotated back to 0 give the logit at
-    # exactly d_max.
+    # paper's trick: the query rotated to d_max (q_far, below) and the key rotated back to 0 give
+    # the logit at exactly d_max.
     k_start0 = rope(k_start, rope_angles(-jg[0], hd, theta))
     # logits (H_kv, n, B, K) of grouped queries (H_kv, n, B, hd) over keys (H_kv, K, hd)
     scores = lambda queries, keys: torch.einsum("knbd,kgd->knbg", queries, keys).float()
-    for a in range(m, T, block):
+    for a in range(inside, T, block):
         B = min(block, T - a)
         i = q_pos[a : a + B][:, None]  # (B, 1)
         # heads grouped by their key/value head
         grouped = lambda x: x.reshape(H_kv, n, B, hd) / math.sqrt(hd)
         qb, dg = grouped(q[:, a : a + B]), i - jg  # dg: distances to the starting tokens (B, g)
-        q_far = grouped(rope(q[:, a : a + B], rope_angles(d_max - i[:, 0], hd, theta)))  # at d_max
+        # the block's queries rotated to d_max, for the starting tokens farther than that
+        q_far = grouped(rope(q[:, a : a + B], rope_angles(d_max - i[:, 0], hd, theta)))
         full = (k_pos > i[-1] - L) & (k_pos <= i[0])  # band keys every query of the block sees
         # band keys only some see: at most 2·BLOCK - 2
         edge = (k_pos > i[0] - L) & (k_pos <= i[-1]) & ~full
@@ -314,7 +315,7 @@ def forward(
     probe: called as probe(layer, q, k, a) with this chunk's rotated queries and keys and its
     attention output (T, H*hd) (how diagnose.py looks inside).
     backend: how Λ attention is computed (see attention; pick_backend(device) chooses it once);
-    None: lambda_attention.
+    None: lambda_attention, the block loop.
     """
     w = weights
     H, hd = cfg.num_attention_heads, cfg.head_dim
@@ -330,8 +331,9 @@ def forward(
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-        # (H, T, hd), (H_kv, T, hd), (H_kv, T, hd)
-        q, k, v = (heads(h @ w[f"{p}self_attn.{name}_proj.weight"].T) for name in "qkv")
+        q = heads(h @ w[p + "self_attn.q_proj.weight"].T)  # (H, T, hd)
+        k = heads(h @ w[p + "self_attn.k_proj.weight"].T)  # (H_kv, T, hd)
+        v = heads(h @ w[p + "self_attn.v_proj.weight"].T)  # (H_kv, T, hd)
         q, k = rope(q, angles), rope(k, angles)
         # (H_kv, S, hd), (S,)
         k_all, v, k_pos = cache.update(layer, k, v) if cache is not None else (k, v, q_pos)

@@ -119,8 +119,9 @@ def forward(
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-        # (H, T, hd), (H_kv, T, hd), (H_kv, T, hd)
-        q, k, v = (heads(h @ w[f"{p}self_attn.{name}_proj.weight"].T) for name in "qkv")
+        q = heads(h @ w[p + "self_attn.q_proj.weight"].T)  # (H, T, hd)
+        k = heads(h @ w[p + "self_attn.k_proj.weight"].T)  # (H_kv, T, hd)
+        v = heads(h @ w[p + "self_attn.v_proj.weight"].T)  # (H_kv, T, hd)
         k, v = repeat_kv(k, H // H_kv), repeat_kv(v, H // H_kv)  # (H, T, hd)
         rows = ()  # paper §4: generated tokens see top-k middle keys in the layers asking for them
         if decoding_from is not None and lam.top_k and layer >= lam.top_k_from_layer:

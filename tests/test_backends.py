@@ -148,9 +148,8 @@ def test_the_private_cpu_kernel_is_there():
 
 
 def test_backend_is_chosen_once_per_device():
-    assert (
-        model.pick_backend("cpu") is model.lambda_attention
-    )  # faster than compiled flex on this CPU
+    # the block loop: faster than compiled flex on this CPU
+    assert model.pick_backend("cpu") is model.lambda_attention
     assert isinstance(model.pick_backend("cuda"), model.Flex)
 
 

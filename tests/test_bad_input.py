@@ -383,6 +383,12 @@ def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
         ("lminf_min.exercises", ["run", "window_mask", "--answers", "BUGGY"], "raised Attrib"),
         ("lminf_min.mask", ["--png", "NODIR"], "does not exist"),
         ("lminf_min.exercises", ["run", "window_mask", "--tokens", str(10**12)], "NumPy pass"),
+        pytest.param(
+            "lminf_min.bench",
+            ["attention", "--device", "cuda", "--lengths", "64"],
+            "no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
     ],
 )
 def test_bad_instrument_input(module, args, words, sp_ckpt, tmp_path):

@@ -81,7 +81,8 @@ def causal_attention(q, k, v, cpu_kernel=True):
     # On CPU, a chunk after P = S - T cached keys is cheaper as two calls without a mask: every
     # query sees all cached keys, and its own chunk's keys causally; merged() joins the two
     # softmaxes into one.
-    P, n = S - T, H // k.shape[0]
+    P = S - T  # cached keys before the chunk
+    n = H // k.shape[0]  # query heads per key/value head
     own = cpu_flash_attention(
         q, k[:, P:].repeat_interleave(n, 0), v[:, P:].repeat_interleave(n, 0), causal=True
     )
@@ -167,8 +168,9 @@ def lambda_attention(
     G, L, d_max = lam.n_global, lam.n_local, lam.d_max
     (H, T, hd), H_kv = q.shape, k.shape[0]
     n = H // H_kv  # query heads per key/value head
-    # edges grow with the block: keep it well below L
-    out, block = (torch.empty_like(q), min(most, max(64, L // 32)))
+    out = torch.empty_like(q)
+    # queries per block; the edges grow with it, so keep it well below L
+    block = min(most, max(64, L // 32))
     inside = int((q_pos < L).sum())  # queries still inside the first window
     if inside:
         # There it is plain causal attention over positions 0..S-1: no cache has wrapped yet, so
@@ -191,7 +193,8 @@ def lambda_attention(
         i = q_pos[a : a + B][:, None]  # (B, 1)
         # heads grouped by their key/value head
         grouped = lambda x: x.reshape(H_kv, n, B, hd) / math.sqrt(hd)
-        qb, dg = grouped(q[:, a : a + B]), i - jg  # dg: distances to the starting tokens (B, g)
+        qb = grouped(q[:, a : a + B])
+        dg = i - jg  # distances to the starting tokens (B, g)
         # the block's queries rotated to d_max, for the starting tokens farther than that
         q_far = grouped(rope(q[:, a : a + B], rope_angles(d_max - i[:, 0], hd, theta)))
         full = (k_pos > i[-1] - L) & (k_pos <= i[0])  # band keys every query of the block sees

@@ -59,34 +59,18 @@ def expected_shapes(cfg: LlamaConfig):
     return shapes
 
 
-def regular_or_missing(path):
-    """A pipe or a device in a file's place would block the read forever: refuse it first."""
-    if path.exists() and not path.is_file() and not path.is_dir():
-        raise UserError(f"{path} is not a regular file (a pipe or a device?); put the file there")
-
-
 def read_config(ckpt: Path) -> LlamaConfig:
-    if not ckpt.exists():
-        raise UserError(
-            f"checkpoint {ckpt} does not exist; pass --ckpt DIR or run `python weights.py smollm2`"
-        )
-    if not ckpt.is_dir():
-        raise UserError(
-            f"checkpoint {ckpt} is a file, not a directory; pass the directory holding config.json"
-        )
     path = ckpt / "config.json"
-    regular_or_missing(path)
-    if not path.exists():
+    if not path.is_file():  # missing, a folder, or a pipe (whose read would block forever)
         raise UserError(
-            f"{path} not found; a checkpoint directory needs config.json next to its *.safetensors"
+            f"no checkpoint at {ckpt} (no config.json file in it); pass --ckpt DIR or run "
+            "`python weights.py smollm2`"
         )
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}); make it a readable file") from None
-    except (ValueError, RecursionError) as e:  # a UnicodeDecodeError is a ValueError
+    except (OSError, ValueError, RecursionError) as e:  # a UnicodeDecodeError is a ValueError
         raise UserError(
-            f"{path} is not valid JSON ({e}); fix it or re-convert the checkpoint"
+            f"cannot read {path} as JSON ({e}); fix it or re-convert the checkpoint"
         ) from None
     return LlamaConfig.from_dict(d)
 
@@ -95,31 +79,26 @@ def safetensors_files(ckpt: Path):
     """The files holding the weights: those named by model.safetensors.index.json, else every
     *.safetensors."""
     index = ckpt / "model.safetensors.index.json"
-    if not index.is_file():
-        files = sorted(ckpt.glob("*.safetensors"))
-        for f in files:
-            regular_or_missing(f)
-        if not files:
+    names = sorted(f.name for f in ckpt.glob("*.safetensors"))
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise UserError(
-                f"no *.safetensors file in {ckpt}; convert the checkpoint to safetensors first"
-            )
-        return files
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                f"{index} is not a shard index (needs a 'weight_map' object); fix or delete it"
+            ) from None
+    if not names:
         raise UserError(
-            f"{index} is not a valid shard index (needs a 'weight_map' object); fix or delete it"
-        ) from None
-    outside = [n for n in names if not isinstance(n, str) or Path(n).name != n]
-    if outside:
-        raise UserError(
-            f"{index} names shard {outside[0]!r}, not a file in {ckpt}; fix or delete the index"
+            f"no *.safetensors file in {ckpt}; convert the checkpoint to safetensors first"
         )
-    missing = [n for n in names if not (ckpt / n).is_file()]
-    if missing:
-        raise UserError(f"{index} names shard {missing[0]} which is not in {ckpt}; copy it there")
-    return [ckpt / n for n in names]
+    for name in names:  # a pipe in a file's place would block the read forever
+        if not isinstance(name, str) or Path(name).name != name or not (ckpt / name).is_file():
+            raise UserError(
+                f"weights file {name!r} is not a regular file in {ckpt}; put it there, or fix the "
+                "shard index naming it"
+            )
+    return [ckpt / name for name in names]
 
 
 def load_checkpoint(ckpt, device="cpu", dtype=torch.float32):
@@ -294,11 +273,9 @@ def read_gguf(gguf_path):
     try:
         config = gguf_config(meta, {t.name for t in reader.tensors})
         tokenizer, cfg = gguf_tokenizer(meta), LlamaConfig.from_dict(config)
-    except KeyError as e:
-        raise error(f"lacks the required key {e.args[0]!r}") from None
     except (UserError, KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as e:  # wrong types, zero heads, a tokenizers panic on duplicate tokens
+    except BaseException as e:  # a missing key, wrong types, zero heads, a tokenizers panic
         raise error(
             f"its metadata does not describe a Llama model ({type(e).__name__}: {e})"
         ) from None

@@ -177,13 +177,9 @@ def read_prompt(path):
     if not path.is_file():
         raise error("not found", "pass the path of an existing text file")
     # its text and token ids take several times the file's size
-    free, need = available_memory(), 4 * path.stat().st_size
-    if free is not None and need > free:
-        raise error(
-            f"needs about {need / 2**30:.1f} GiB of memory to read and tokenize, more than the "
-            f"{free / 2**30:.1f} GiB available",
-            "split it into smaller files",
-        )
+    fits(
+        4 * path.stat().st_size, "cpu", f"reading prompt file {path}", "split it into smaller files"
+    )
     data = path.read_bytes()
     if b"\0" in data:
         raise error("looks binary (it contains NUL bytes)", "pass a text file")

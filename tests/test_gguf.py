@@ -128,21 +128,13 @@ def test_interrupted_conversion_leaves_nothing(tiny_gguf, tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
 
 
-def test_force_replaces_only_after_success(tiny_gguf, tmp_path, monkeypatch):
+def test_converting_again_is_refused_and_keeps_the_checkpoint(tiny_gguf, tmp_path):
     out = tmp_path / "ckpt"
     weights.convert_gguf(tiny_gguf[0], out)
-    with pytest.raises(UserError, match="already exists"):
-        weights.convert_gguf(tiny_gguf[0], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(
-        weights, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
-    )
-    with pytest.raises(KeyboardInterrupt):
-        weights.convert_gguf(tiny_gguf[0], out, force=True)
-    # a failed --force keeps the old checkpoint
+    with pytest.raises(UserError, match="already exists; delete it to convert again"):
+        weights.convert_gguf(tiny_gguf[0], out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    monkeypatch.undo()
-    weights.convert_gguf(tiny_gguf[0], out, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tiny.gguf"]
     weights.load_checkpoint(out)
 

@@ -138,7 +138,7 @@ def test_each_flag_is_declared_in_one_place(monkeypatch):
         monkeypatch.setattr(sys, "argv", [str(path), "--help"])
         with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()):
             runpy.run_module(command, run_name="__main__")
-    assert {"--text", "--tokens", "--ckpt", "--n-local", "--force"} <= set(sites)  # all were seen
+    assert {"--text", "--tokens", "--ckpt", "--n-local", "--out"} <= set(sites)  # all were seen
     twice = {flag: where for flag, where in sites.items() if len(where) > 1}
     assert set(twice) <= set(cli.FLAGS), {f: w for f, w in twice.items() if f not in cli.FLAGS}
     assert not direct & set(cli.FLAGS), direct & set(cli.FLAGS)

@@ -31,9 +31,14 @@ class LlamaConfig:
         """Validate a parsed config.json; refuse anything this forward pass does not compute."""
         if not isinstance(d, dict):
             refuse("expected a JSON object", "fix the file or re-convert the checkpoint")
+        rope = d.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
+        if not isinstance(rope, dict):
+            refuse(f"rope_parameters is {rope!r}, expected an object")
+        d = d | rope
         unsupported = {  # key -> the only value we compute correctly
             "model_type": "llama",
             "rope_scaling": None,
+            "rope_type": "default",
             "attention_bias": False,
             "mlp_bias": False,
             "hidden_act": "silu",
@@ -44,15 +49,6 @@ class LlamaConfig:
                     f"{key}={d[key]!r} is not supported (only {ok!r})",
                     "use a plain Llama checkpoint",
                 )
-        d = dict(d)
-        rope = d.get("rope_parameters")  # transformers >= 5 nests rope_theta here
-        if rope is not None:
-            if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
-                refuse(
-                    f"rope_parameters={rope!r} is not supported (only rope_type 'default')",
-                    "use a checkpoint without RoPE scaling",
-                )
-            d.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
         heads, hidden = d.get("num_attention_heads"), d.get("hidden_size")
         if "head_dim" not in d and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
             d["head_dim"] = hidden // heads
@@ -134,16 +130,14 @@ class LambdaConfig:
 def _checked(name, value, type_):
     """The value if it has the field's type (ints must be positive), else a UserError naming the
     field."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if type_ is int:
-        ok, want = number and isinstance(value, int) and value > 0, "a positive integer"
-    elif type_ is float:
-        ok, want = number and 0 < value <= sys.float_info.max, "a positive finite number"
-    elif type_ is bool:
-        ok, want = isinstance(value, bool), "true or false"
-    else:  # int | None: a token id
-        ok = value is None or (number and isinstance(value, int) and value >= 0)
-        want = "a token id or null"
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    number = integer or isinstance(value, float)
+    ok, want = {  # type -> is the value one, what one is
+        int: (integer and value > 0, "a positive integer"),
+        float: (number and 0 < value <= sys.float_info.max, "a positive finite number"),
+        bool: (isinstance(value, bool), "true or false"),
+        int | None: (value is None or integer and value >= 0, "a token id or null"),
+    }[type_]
     if not ok:
         refuse(f"field {name!r} is {value!r}, expected {want}")
     return float(value) if type_ is float else value

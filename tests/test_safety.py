@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,6 +50,18 @@ def test_fuzzed_config_gives_a_config_or_a_clear_error(changes, drop):
     except UserError:
         return
     assert all(n > 0 for shape in weights.expected_shapes(cfg).values() for n in shape)
+
+
+def test_configs_as_transformers_writes_them_now():
+    """transformers >= 5 nests rope_theta (and rope_type) in rope_parameters: read as transformers
+    writes it, and RoPE scaling there refused like rope_scaling."""
+    import transformers
+
+    written = transformers.LlamaConfig(**tiny_config(rope_theta=12345.0)).to_dict()
+    assert LlamaConfig.from_dict(written).rope_theta == 12345.0
+    scaled = written | {"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}
+    with pytest.raises(UserError, match="rope_type='yarn' is not supported"):
+        LlamaConfig.from_dict(scaled)
 
 
 @settings(

@@ -60,7 +60,6 @@ def hf_model(ckpt, device, dtype):
     return hf.to(device).eval()
 
 
-@torch.inference_mode()
 def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profile):
     """one layer: both Λ backends vs SDPA, random
 
@@ -101,7 +100,6 @@ def attention(lengths, heads, n_global, n_local, json_out, device, dtype, profil
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
-@torch.inference_mode()
 def prefill(ckpt, text, lengths, json_out, device, dtype):
     """prompt tokens/s: our prefill vs transformers
 
@@ -166,7 +164,6 @@ def filled_caches(cfg, lam, hf, context, device, dtype):
     return cache, full
 
 
-@torch.inference_mode()
 def decode(ckpt, contexts, tokens, n_local, json_out, device, dtype):
     """ms/token after a long context vs transformers
 
@@ -201,6 +198,7 @@ def checked(args):
     return args
 
 
+@torch.inference_mode()  # nothing here trains
 def main(argv=None):
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lminf_min import caches, cli, model
+from lminf_min import caches, cli, generation, model, tokenizer
 from lminf_min.config import LambdaConfig, UserError
-from lminf_min.generation import decode_one_token, prefill
-from lminf_min.tokenizer import Tokenizer
 
 # tokens per forward call: bounds the (chunk, vocab) logits; keys before it come from the cache
 CHUNK = 2048
@@ -132,7 +130,6 @@ def sampled_stream(docs, n_tokens, seed):
         yield torch.tensor(chunk)
 
 
-@torch.inference_mode()
 def stream(ckpt, text, tokens, segment, seed, json_out, device, dtype, **knobs):
     """perplexity and speed of an endless stream of documents, bounded cache"""
     if tokens < 2 or segment < 1:
@@ -141,7 +138,7 @@ def stream(ckpt, text, tokens, segment, seed, json_out, device, dtype, **knobs):
     texts = [cli.read_prompt(t) for t in text]  # before the model: a bad file fails at once
     ckpt, cfg, w, device = cli.load_model(ckpt, device, dtype)
     lam = LambdaConfig.for_model(cfg, **knobs)
-    tok = Tokenizer(ckpt, cfg.vocab_size)
+    tok = tokenizer.Tokenizer(ckpt, cfg.vocab_size)
     docs = [tok.encode(t) for t in texts]
     chunks = (c.to(device) for c in sampled_stream(docs, tokens, seed))
     rows, total = [], 0.0
@@ -185,7 +182,6 @@ def stream(ckpt, text, tokens, segment, seed, json_out, device, dtype, **knobs):
         cli.write_json(json_out, result)
 
 
-@torch.inference_mode()
 def ppl(ckpt, text, max_tokens, vanilla, bucket, json_out, plot, device, dtype, **knobs):
     """perplexity by position over one long text"""
     if max_tokens < 2 or bucket < 1:
@@ -267,15 +263,14 @@ def greedy_answer(weights, cfg, cache, tail, lam, vocab, backend):
     ANSWER_TOKENS greedy tokens (of the tokenizer's `vocab`: padding rows of the embedding never
     win)."""
     for t in tail:
-        logits = decode_one_token(weights, cfg, t, cache, lam, backend)
+        logits = generation.decode_one_token(weights, cfg, t, cache, lam, backend)
     out = [logits[:vocab].argmax()]
     while len(out) < ANSWER_TOKENS:
-        logits = decode_one_token(weights, cfg, out[-1], cache, lam, backend)
+        logits = generation.decode_one_token(weights, cfg, out[-1], cache, lam, backend)
         out.append(logits[:vocab].argmax())
     return [int(t) for t in out]
 
 
-@torch.inference_mode()
 def passkey(ckpt, lengths, samples, depths, top_k_middle, seed, json_out, device, dtype, **knobs):
     """find a number hidden in filler: vanilla, LM-Infinite, + top-k"""
     lengths = list(dict.fromkeys(lengths))  # each once
@@ -287,14 +282,14 @@ def passkey(ckpt, lengths, samples, depths, top_k_middle, seed, json_out, device
     need = 6 * max(lengths) * caches.kv_bytes_per_token(cfg, w["model.norm.weight"].element_size())
     what = f"--lengths: holding three full caches of {max(lengths)} tokens"
     cli.fits(need, device, what, "use less")
-    tok = Tokenizer(ckpt, cfg.vocab_size)
+    tok = tokenizer.Tokenizer(ckpt, cfg.vocab_size)
     rng = torch.Generator().manual_seed(seed)
     backend = model.pick_backend(device)
     vocab, n_question = tok.vocab_size, len(tok.encode(PASSKEY_QUESTION))
     with_top_k = LambdaConfig.for_model(cfg, top_k=top_k_middle, **knobs)
     lam = dataclasses.replace(with_top_k, top_k=0)  # LM-Infinite: the same without middle tokens
     top_k_name = f"LM-Infinite + top-{top_k_middle}"
-    methods = ["vanilla", "LM-Infinite", top_k_name]
+    methods = {"vanilla": None, "LM-Infinite": lam, top_k_name: with_top_k}  # name -> attention
     passkey_prompt(tok, min(lengths), 0.5, "10000")  # a clear error for a length too short, now
     rows, prompts = [], list(itertools.product(lengths, range(samples)))
     for length, s in tqdm(prompts, desc="passkey", unit="prompt", file=sys.stderr):
@@ -310,20 +305,18 @@ def passkey(ckpt, lengths, samples, depths, top_k_middle, seed, json_out, device
         # a full cache, so that top-k can reuse LM-Infinite's haystack
         cache = caches.KVCache(cfg.num_hidden_layers)
         # inside the first window Λ attention is causal attention: shared
-        prefill(w, cfg, haystack[: lam.n_local], cache)
+        generation.prefill(w, cfg, haystack[: lam.n_local], cache)
         # every query inside the window: the three are one computation (T <= L)
         if length + ANSWER_TOKENS <= lam.n_local:
             answers = dict.fromkeys(methods, answer(cache, None))
         else:
             full = copy.deepcopy(cache)  # vanilla's, from here on
             if len(haystack) > lam.n_local:
-                prefill(w, cfg, haystack[lam.n_local :], cache, lam, backend)
-                prefill(w, cfg, haystack[lam.n_local :], full)
-            answers = {
-                "LM-Infinite": answer(copy.deepcopy(cache), lam),
-                top_k_name: answer(cache, with_top_k),
-                "vanilla": answer(full, None),
-            }
+                generation.prefill(w, cfg, haystack[lam.n_local :], cache, lam, backend)
+                generation.prefill(w, cfg, haystack[lam.n_local :], full)
+            # LM-Infinite's answer from a copy: top-k's decoding goes on in this cache itself
+            runs = {"LM-Infinite": copy.deepcopy(cache), top_k_name: cache, "vanilla": full}
+            answers = {name: answer(run, methods[name]) for name, run in runs.items()}
         prompt = dict(length=length, depth=depth, key_position=key_at, key=key)
         for name, out in answers.items():
             text = tok.decode(out)
@@ -359,6 +352,7 @@ def passkey_table(rows, lengths, depths, methods):
     return "\n".join(lines)
 
 
+@torch.inference_mode()  # nothing here trains
 def main(argv=None):
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

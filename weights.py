@@ -65,7 +65,9 @@ def read_config(ckpt: Path) -> LlamaConfig:
         )
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # a UnicodeDecodeError is a ValueError
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); make it a readable file") from None
+    except (ValueError, RecursionError) as e:  # a UnicodeDecodeError is a ValueError
         raise UserError(
             f"cannot read {path} as JSON ({e}); fix it or re-convert the checkpoint"
         ) from None
@@ -85,15 +87,15 @@ def safetensors_files(ckpt: Path):
             raise UserError(
                 f"{index} is not a shard index (needs a 'weight_map' object); fix or delete it"
             ) from None
-    if not names:
+    elif not names:
         raise UserError(
             f"no *.safetensors file in {ckpt}; convert the checkpoint to safetensors first"
         )
     for name in names:  # a pipe in a file's place would block the read forever
         if not isinstance(name, str) or Path(name).name != name or not (ckpt / name).is_file():
             raise UserError(
-                f"weights file {name!r} is not a regular file in {ckpt}; put it there, or fix the "
-                "shard index naming it"
+                f"weights file {name!r} is not a regular file in {ckpt}; copy the real file there "
+                "(or fix the shard index, if that names it)"
             )
     return [ckpt / name for name in names]
 
@@ -356,8 +358,8 @@ def fetch_default_gguf():
 def default_checkpoint(out=None):
     """The converted default model's directory, converting it on first use; an `out` given must not
     exist yet."""
-    if out is None and DEFAULT_OUT.is_dir():
-        return DEFAULT_OUT
+    if out is None and (DEFAULT_OUT / "config.json").is_file():
+        return DEFAULT_OUT  # converted before (a broken one: new_folder says to delete it)
     out = Path(out or DEFAULT_OUT)
     new_folder(out)  # before the download
     return convert_gguf(fetch_default_gguf(), out)

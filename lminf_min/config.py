@@ -31,14 +31,9 @@ class LlamaConfig:
         """Validate a parsed config.json; refuse anything this forward pass does not compute."""
         if not isinstance(d, dict):
             refuse("expected a JSON object", "fix the file or re-convert the checkpoint")
-        rope = d.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
-        if not isinstance(rope, dict):
-            refuse(f"rope_parameters is {rope!r}, expected an object")
-        d = d | rope
         unsupported = {  # key -> the only value we compute correctly
             "model_type": "llama",
             "rope_scaling": None,
-            "rope_type": "default",
             "attention_bias": False,
             "mlp_bias": False,
             "hidden_act": "silu",
@@ -49,6 +44,17 @@ class LlamaConfig:
                     f"{key}={d[key]!r} is not supported (only {ok!r})",
                     "use a plain Llama checkpoint",
                 )
+        d = dict(d)
+        rope = d.get("rope_parameters")  # transformers >= 5 nests rope_theta here
+        if rope is not None:
+            # the scaling type as transformers reads it ("type" in older files)
+            kind = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default"))
+            if kind != "default":
+                refuse(
+                    f"rope_parameters={rope!r} is not supported (only rope_type 'default')",
+                    "use a checkpoint without RoPE scaling",
+                )
+            d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         heads, hidden = d.get("num_attention_heads"), d.get("hidden_size")
         if "head_dim" not in d and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
             d["head_dim"] = hidden // heads

@@ -105,6 +105,10 @@ CASES = {  # name -> (how to break the tiny checkpoint, words the message must c
         rewrite_config(rope_scaling={"type": "linear", "factor": 2.0}),
         "rope_scaling",
     ),
+    "RoPE scaling in rope_parameters (transformers >= 5)": (
+        rewrite_config(rope_parameters={"rope_type": "yarn", "factor": 2.0}),
+        "rope_parameters",
+    ),
     "unsupported model_type": (rewrite_config(model_type="mistral"), "model_type"),
     "attention bias": (rewrite_config(attention_bias=True), "attention_bias"),
     "missing field": (
@@ -454,6 +458,27 @@ def test_ctrl_c_is_one_line_even_during_imports(after, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err.rstrip().split("\n")[-1] == "interrupted", err
     assert "Traceback" not in err and sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_broken_default_model_folder_is_named_not_replaced(tmp_path):
+    """A default model's folder without config.json (an interrupted copy, an old version): both
+    commands say to delete it, nothing is fetched, and its files stay."""
+    folder = tmp_path / "xdg" / "lminf_min" / "smollm2-135m-instruct"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_text("old")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello")
+    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    for command in (["weights.py", "smollm2"], ["generate.py", "--prompt", prompt]):
+        r = subprocess.run(
+            [sys.executable, ROOT / command[0], *command[1:]],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        assert_clean_error(r, "already exists; delete it to convert again", tmp_path)
+    assert os.listdir(folder) == ["model.safetensors"]
 
 
 def test_conversion_never_overwrites(tmp_path):

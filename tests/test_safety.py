@@ -53,15 +53,18 @@ def test_fuzzed_config_gives_a_config_or_a_clear_error(changes, drop):
 
 
 def test_configs_as_transformers_writes_them_now():
-    """transformers >= 5 nests rope_theta (and rope_type) in rope_parameters: read as transformers
-    writes it, and RoPE scaling there refused like rope_scaling."""
+    """transformers >= 5 nests rope_theta (and rope_type, "type" in older files) in rope_parameters:
+    read as transformers writes it, RoPE scaling there refused like rope_scaling."""
     import transformers
 
     written = transformers.LlamaConfig(**tiny_config(rope_theta=12345.0)).to_dict()
     assert LlamaConfig.from_dict(written).rope_theta == 12345.0
-    scaled = written | {"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}
-    with pytest.raises(UserError, match="rope_type='yarn' is not supported"):
-        LlamaConfig.from_dict(scaled)
+    for scaling in ({"rope_type": "yarn", "factor": 2.0}, {"type": "linear", "factor": 2.0}):
+        with pytest.raises(UserError, match="rope_parameters=.* is not supported"):
+            LlamaConfig.from_dict(written | {"rope_parameters": scaling})
+    for not_an_object in ([], 0, "", False, [1]):
+        with pytest.raises(UserError, match="is not supported"):
+            LlamaConfig.from_dict(written | {"rope_parameters": not_an_object})
 
 
 @settings(

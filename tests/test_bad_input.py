@@ -164,12 +164,13 @@ CASES = {  # name -> (how to break the tiny checkpoint, words the message must c
 }
 
 
-def run(script, *args):
+def run(script, *args, env=None):
     return subprocess.run(
         [sys.executable, str(ROOT / script), *map(str, args)],
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env=env,
     )
 
 
@@ -470,13 +471,7 @@ def test_a_broken_default_model_folder_is_named_not_replaced(tmp_path):
     prompt.write_text("hello")
     env = os.environ | {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
     for command in (["weights.py", "smollm2"], ["generate.py", "--prompt", prompt]):
-        r = subprocess.run(
-            [sys.executable, ROOT / command[0], *command[1:]],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env=env,
-        )
+        r = run(*command, env=env)
         assert_clean_error(r, "already exists; delete it to convert again", tmp_path)
     assert os.listdir(folder) == ["model.safetensors"]
 

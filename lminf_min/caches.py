@@ -10,7 +10,6 @@ import torch
 from .cli import fits
 from .config import LambdaConfig, LlamaConfig
 from .mask import lambda_mask
-from .model import rope, rope_angles
 
 
 class KVCache:
@@ -24,7 +23,6 @@ class KVCache:
         self.k, self.v = [None] * n_layers, [None] * n_layers  # (H_kv, capacity, hd) each
         # tokens seen: the position of the next one; forward() advances it after the last layer
         self.length = 0
-        self.origin = 0  # keys are rotated at (position - origin); it never moves here
 
     def update(self, layer, k, v):
         """Append this chunk's (H_kv, T, hd) keys/values; return all keys, values (H_kv, S, hd) and
@@ -40,10 +38,9 @@ class KVCache:
             buffers[layer][:, start:end] = new
         return self.k[layer][:, :end], self.v[layer][:, :end], torch.arange(end, device=k.device)
 
-    def begin(self, T, lam):
-        """Before a chunk of T tokens: its first position and the origin keys are rotated from
-        (always 0)."""
-        return self.length, self.origin
+    def begin(self, lam):
+        """Before a chunk: the position of its first token."""
+        return self.length
 
     def advance(self, T):
         self.length += T
@@ -62,22 +59,19 @@ class LambdaCache:
     That is all Λ attention ever reads: a token sees only the starting tokens and its L most recent
     predecessors, so nothing else is needed again. Per layer: G slots for positions 0..G-1, never
     evicted, then a ring of L slots, where position p >= G lives in slot G + (p - G) % L. Keys are
-    stored rotated at (position - origin). Logits depend only on differences of positions, so when
-    the stream passes origin + REBASE the origin moves up and the stored keys are rotated back by
-    the same amount: angles stay small however long the stream, and 10^9 tokens score like 10^4.
+    stored rotated at their absolute positions, once: RoPE's angles are float64 (rope_angles in
+    model.py), exact enough that 10^12 tokens into a stream score like 10^4.
     """
 
-    REBASE = 1 << 20
     EMPTY = 1 << 62  # the position of an unfilled slot: after every query, so always masked
 
-    def __init__(self, n_layers, lam: LambdaConfig, theta):
-        self.lam, self.theta = lam, theta
+    def __init__(self, n_layers, lam: LambdaConfig):
+        self.lam = lam
         self.k, self.v = [None] * n_layers, [None] * n_layers  # (H_kv, G + L, hd) each
         # absolute position held by each slot
         self.pos = torch.full((lam.n_global + lam.n_local,), self.EMPTY)
         # tokens seen: the position of the next one; forward() advances it after the last layer
         self.length = 0
-        self.origin = 0
 
     def slot(self, positions):
         G, L = self.lam.n_global, self.lam.n_local
@@ -123,22 +117,11 @@ class LambdaCache:
         self.pos[slots] = positions[keep]
         self.length += T
 
-    def begin(self, T, lam):
-        """Before a chunk of T tokens: its first position and the origin its keys are rotated from.
-        The origin moves up first if positions would pass origin + REBASE."""
+    def begin(self, lam):
+        """Before a chunk: the position of its first token."""
         if lam != self.lam:
             raise ValueError(f"this LambdaCache was made for {self.lam}, not for lam={lam}")
-        if self.length + T - self.origin > self.REBASE:
-            self.rebase()
-        return self.length, self.origin
-
-    def rebase(self):
-        """Move the origin to the next position, rotating every stored key back by the shift."""
-        shift = torch.tensor([self.length - self.origin], device=self.pos.device)
-        for layer, k in enumerate(self.k):
-            if k is not None:
-                self.k[layer] = rope(k, rope_angles(-shift, k.shape[2], self.theta))
-        self.origin = self.length
+        return self.length
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
@@ -152,7 +135,7 @@ def new_cache(cfg: LlamaConfig, lam: LambdaConfig | None = None):
     slots = lam.n_global + lam.n_local
     need = slots * kv_bytes_per_token(cfg, 4)  # float32 at most
     fits(need, "cpu", f"a bounded cache of G + L = {slots} positions", "use a smaller L or G")
-    return LambdaCache(cfg.num_hidden_layers, lam, cfg.rope_theta)
+    return LambdaCache(cfg.num_hidden_layers, lam)
 
 
 def kv_bytes_per_token(cfg: LlamaConfig, itemsize):

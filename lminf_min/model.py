@@ -325,10 +325,9 @@ def forward(
     T = tokens.shape[0]
     if decoding and T != 1:
         raise ValueError(f"decoding=True takes one token, not {T}")
-    start, origin = cache.begin(T, lam) if cache is not None else (0, 0)
+    start = cache.begin(lam) if cache is not None else 0
     q_pos = torch.arange(start, start + T, device=tokens.device)
-    # (T, hd/2): small angles, see caches.LambdaCache
-    angles = rope_angles(q_pos - origin, hd, cfg.rope_theta)
+    angles = rope_angles(q_pos, hd, cfg.rope_theta)  # (T, hd/2), float64: exact far into a stream
     heads = lambda y: y.view(T, -1, hd).transpose(0, 1)  # (T, heads * hd) -> (heads, T, hd)
     x = w["model.embed_tokens.weight"][tokens]  # (T, C)
     for layer in range(cfg.num_hidden_layers):

@@ -101,7 +101,7 @@ def test_compiled_flex_through_the_model_and_the_bounded_cache(compiled):
     expected = reference.forward(w, config, tokens, lam)
     w, tokens = {n: torch.from_numpy(t) for n, t in w.items()}, torch.from_numpy(tokens)
     whole = model.forward(w, config, tokens, lam=lam, backend=compiled)
-    cache = caches.LambdaCache(config.num_hidden_layers, lam, config.rope_theta)
+    cache = caches.LambdaCache(config.num_hidden_layers, lam)
     steps = [tokens[:20]] + [tokens[a : a + 1] for a in range(20, 26)]
     chunked = torch.cat([model.forward(w, config, t, lam, cache, backend=compiled) for t in steps])
     for name, got in (("whole", whole), ("chunked + decode", chunked)):

@@ -38,7 +38,7 @@ def test_chunked_prefill_and_decode_equal_one_pass(G, L, extra, T, chunks, seed,
     expected = reference.forward(
         {n: t.float().numpy() for n, t in w.items()}, config, tokens.numpy(), lam
     )
-    cache, got, a = caches.LambdaCache(config.num_hidden_layers, lam, config.rope_theta), [], 0
+    cache, got, a = caches.LambdaCache(config.num_hidden_layers, lam), [], 0
     for size in chunks + [1] * T:
         if a >= T:
             break
@@ -61,21 +61,20 @@ def test_chunked_prefill_and_decode_equal_one_pass(G, L, extra, T, chunks, seed,
 
 
 def test_translation_far_into_the_stream():
-    """Decode logits at stream offset 10^8 equal those at offset 10^4 for identical window
-    contents."""
+    """Decode logits at stream offset 10^12 equal those at offset 10^4 for identical window
+    contents: keys stay stored at their absolute positions, and RoPE's float64 angles are exact
+    enough there."""
     config, w, _ = tiny(0)
     lam = LambdaConfig(3, 16, 16)
     starting, window = torch.arange(3) + 5, torch.arange(40) % config.vocab_size
     logits = []
-    for offset in (10**4, 10**8):
-        cache = caches.LambdaCache(config.num_hidden_layers, lam, config.rope_theta)
+    for offset in (10**4, 10**12):
+        cache = caches.LambdaCache(config.num_hidden_layers, lam)
         model.forward(w, config, starting, lam, cache)
-        cache.length = (
-            offset  # jump: positions 3..offset-1 passed long ago and have left the window
-        )
+        # jump: positions 3..offset-1 passed long ago and have left the window
+        cache.length = offset
         model.forward(w, config, window[:-1], lam, cache)
         logits.append(model.forward(w, config, window[-1:], lam, cache))
-    assert cache.origin > 0  # the far stream really moved its origin
     diff = (logits[0] - logits[1]).abs().max()
     assert diff <= 1e-4, f"max abs diff {diff:.3g}"
 
@@ -83,7 +82,7 @@ def test_translation_far_into_the_stream():
 def test_cache_memory_is_constant():
     config, w, _ = tiny(1)
     lam = LambdaConfig(2, 8, 8)
-    cache = caches.LambdaCache(config.num_hidden_layers, lam, config.rope_theta)
+    cache = caches.LambdaCache(config.num_hidden_layers, lam)
     tokens = torch.randint(0, config.vocab_size, (300,), generator=torch.Generator().manual_seed(0))
     sizes = []
     for t in tokens:

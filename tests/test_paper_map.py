@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 MAP = ROOT / "docs" / "paper_map.md"
-# `lminf_min/caches.py:LambdaCache.rebase`
+# `lminf_min/caches.py:LambdaCache.update`
 CODE_REF = re.compile(r"`([\w/.-]+\.py):([A-Za-z_][\w.]*)`")
 # `tests/test_definition_maths.py::test_mask_row_counts`
 TEST_REF = re.compile(r"`(tests/[\w/.-]+\.py)::([A-Za-z_]\w*)`")

@@ -179,6 +179,8 @@ def lambda_attention(
         if not torch.equal(k_pos[:S], torch.arange(S, device=k_pos.device)):
             raise ValueError("queries inside the first window need keys 0..S-1 first and in order")
         out[:, :inside] = causal_attention(q[:, :inside], k[:, :S], v[:, :S], cpu_kernel)
+    if inside == T:  # nothing past the window (a prompt shorter than L, and its decoding)
+        return out
     is_start = k_pos < G
     # (H_kv, g, hd), (1, g)
     k_start, v_start, jg = (k[:, is_start], v[:, is_start], k_pos[is_start][None, :])

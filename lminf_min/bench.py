@@ -149,12 +149,13 @@ def prefill_flops(cfg, T, lam):
 
 def filled_caches(cfg, lam, hf, context, device, dtype):
     """Our cache and transformers' full one after the same `context` tokens of random keys and
-    values (what they hold does not change the cost); ours filled through its own update and
-    advance, as forward() fills it."""
+    values (what they hold does not change the cost); ours filled through its own begin, update
+    and advance, as forward() fills it."""
     from transformers import DynamicCache
 
     cache, full = caches.new_cache(cfg, lam), DynamicCache(config=hf.config)
     shape = (cfg.num_key_value_heads, context, cfg.head_dim)
+    cache.begin(context, lam, device)
     for layer in range(cfg.num_hidden_layers):
         k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in "kv")
         cache.update(layer, k, v)

@@ -38,9 +38,9 @@ class KVCache:
             buffers[layer][:, start:end] = new
         return self.k[layer][:, :end], self.v[layer][:, :end], torch.arange(end, device=k.device)
 
-    def begin(self, lam):
-        """Before a chunk: the position of its first token."""
-        return self.length
+    def begin(self, T, lam, device):
+        """Before a chunk of T tokens: their positions (T,)."""
+        return torch.arange(self.length, self.length + T, device=device)
 
     def advance(self, T):
         self.length += T
@@ -73,17 +73,22 @@ class LambdaCache:
         # tokens seen: the position of the next one; forward() advances it after the last layer
         self.length = 0
 
-    def slot(self, positions):
-        G, L = self.lam.n_global, self.lam.n_local
-        return torch.where(positions < G, positions, G + (positions - G) % L)
-
-    def placement(self, T, device):
-        """The next T positions, which of them stay in the cache after the chunk (the ones its last
-        query sees under the Λ mask: the starting ones and the last L; every later query sees no
-        others) and the slots of those."""
-        positions = torch.arange(self.length, self.length + T, device=device)
-        keep = lambda_mask(positions[-1], positions, self.lam)
-        return positions, keep, self.slot(positions[keep])
+    def begin(self, T, lam, device):
+        """Before a chunk of T tokens: their positions (T,). Decided here, once for all layers:
+        which of them stay after the chunk (the ones its last query sees under the Λ mask: the
+        starting ones and the last L; every later query sees no others), their slots, and the
+        positions the slots hold then."""
+        if lam != self.lam:
+            raise ValueError(f"this LambdaCache was made for {self.lam}, not for lam={lam}")
+        G, L = lam.n_global, lam.n_local
+        self.positions = torch.arange(self.length, self.length + T, device=device)
+        self.keep = lambda_mask(self.positions[-1], self.positions, lam)
+        kept = self.positions[self.keep]
+        self.slots = torch.where(kept < G, kept, G + (kept - G) % L)
+        self.pos = self.pos.to(device)
+        self.next_pos = self.pos.clone()
+        self.next_pos[self.slots] = kept
+        return self.positions
 
     def update(self, layer, k, v):
         """Store this chunk's (H_kv, T, hd) keys/values; return the keys, values and positions to
@@ -99,29 +104,19 @@ class LambdaCache:
         if self.k[layer] is None:
             self.k[layer] = k.new_zeros(k.shape[0], n, k.shape[2])
             self.v[layer] = v.new_zeros(v.shape[0], n, v.shape[2])
-        self.pos = self.pos.to(k.device)
-        positions, keep, slots = self.placement(T, k.device)
         if T == 1:
-            self.k[layer][:, slots], self.v[layer][:, slots] = k, v
-            pos = self.pos.clone()
-            pos[slots] = positions
+            self.k[layer][:, self.slots], self.v[layer][:, self.slots] = k, v
             n = min(filled + 1, n)
-            return self.k[layer][:, :n], self.v[layer][:, :n], pos[:n]
+            return self.k[layer][:, :n], self.v[layer][:, :n], self.next_pos[:n]
         keys = torch.cat([self.k[layer][:, :filled], k], dim=1)
         values = torch.cat([self.v[layer][:, :filled], v], dim=1)
-        self.k[layer][:, slots], self.v[layer][:, slots] = k[:, keep], v[:, keep]
-        return keys, values, torch.cat([self.pos[:filled], positions])
+        self.k[layer][:, self.slots] = k[:, self.keep]
+        self.v[layer][:, self.slots] = v[:, self.keep]
+        return keys, values, torch.cat([self.pos[:filled], self.positions])
 
     def advance(self, T):
-        positions, keep, slots = self.placement(T, self.pos.device)
-        self.pos[slots] = positions[keep]
+        self.pos = self.next_pos
         self.length += T
-
-    def begin(self, lam):
-        """Before a chunk: the position of its first token."""
-        if lam != self.lam:
-            raise ValueError(f"this LambdaCache was made for {self.lam}, not for lam={lam}")
-        return self.length
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)

@@ -327,8 +327,10 @@ def forward(
     T = tokens.shape[0]
     if decoding and T != 1:
         raise ValueError(f"decoding=True takes one token, not {T}")
-    start = cache.begin(lam) if cache is not None else 0
-    q_pos = torch.arange(start, start + T, device=tokens.device)
+    if cache is None:
+        q_pos = torch.arange(T, device=tokens.device)
+    else:  # the chunk's positions follow the cache's
+        q_pos = cache.begin(T, lam, tokens.device)
     angles = rope_angles(q_pos, hd, cfg.rope_theta)  # (T, hd/2), float64: exact far into a stream
     heads = lambda y: y.view(T, -1, hd).transpose(0, 1)  # (T, heads * hd) -> (heads, T, hd)
     x = w["model.embed_tokens.weight"][tokens]  # (T, C)

@@ -60,7 +60,7 @@ class LambdaCache:
     predecessors, so nothing else is needed again. Per layer: G slots for positions 0..G-1, never
     evicted, then a ring of L slots, where position p >= G lives in slot G + (p - G) % L. Keys are
     stored rotated at their absolute positions, once: RoPE's angles are float64 (rope_angles in
-    model.py), exact enough that 10^12 tokens into a stream score like 10^4.
+    model.py), exact enough that 10^11 tokens into a stream score like 10^4.
     """
 
     EMPTY = 1 << 62  # the position of an unfilled slot: after every query, so always masked

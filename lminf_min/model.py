@@ -331,7 +331,8 @@ def forward(
         q_pos = torch.arange(T, device=tokens.device)
     else:  # the chunk's positions follow the cache's
         q_pos = cache.begin(T, lam, tokens.device)
-    angles = rope_angles(q_pos, hd, cfg.rope_theta)  # (T, hd/2), float64: exact far into a stream
+    # (T, hd/2), in float64: exact enough to about 10^11 tokens into a stream
+    angles = rope_angles(q_pos, hd, cfg.rope_theta)
     heads = lambda y: y.view(T, -1, hd).transpose(0, 1)  # (T, heads * hd) -> (heads, T, hd)
     x = w["model.embed_tokens.weight"][tokens]  # (T, C)
     for layer in range(cfg.num_hidden_layers):

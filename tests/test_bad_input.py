@@ -308,6 +308,18 @@ def test_bfloat16_on_a_cpu_without_it(tiny_ckpt, tmp_path):
     assert_documented("error: " + str(e.value), tmp_path)
 
 
+def test_float16_on_a_cpu_without_it_warns_and_loads(tiny_ckpt, capsys):
+    """float16 without the CPU's float16 arithmetic still loads (torch emulates it), with one
+    warning line; with it, no warning."""
+    for has_fp16, warned in ((False, True), (True, False)):
+        with mock.patch.object(torch.cpu, "_is_amx_fp16_supported", return_value=has_fp16):
+            weights = cli.load_model(tiny_ckpt, "cpu", "float16")[2]
+        assert weights["model.norm.weight"].dtype == torch.float16
+        err = capsys.readouterr().err
+        assert err.startswith("warning: this CPU has no float16 arithmetic") == warned
+        assert len(err.splitlines()) == int(warned)
+
+
 def test_full_cache_larger_than_memory(sp_ckpt, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("the cat sat on the mat " * 50)

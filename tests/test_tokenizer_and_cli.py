@@ -234,3 +234,31 @@ def test_generate_top_k_middle_is_greedy_under_the_definition(sp_ckpt, tmp_path)
         new.append(nxt)
     assert r.stdout.rstrip("\n") == tok.decode(new)
     assert "(full)" in r.stderr
+
+
+def test_vanilla_past_the_training_length_warns(sp_ckpt, tmp_path):
+    """--vanilla on a prompt longer than max_position_embeddings (64 here) still runs, with one
+    warning line naming both lengths; LM-Infinite on the same prompt, and --vanilla on a short
+    one, give none."""
+    long, short = tmp_path / "long.txt", tmp_path / "short.txt"
+    long.write_text(" ".join(["the cat sat on the mat and ran to see the dog"] * 12))
+    short.write_text("the cat sat on the mat")
+    runs = {
+        (path, vanilla): run_generate(
+            "--ckpt", sp_ckpt, "--prompt", path, "--max-new-tokens", 2, *vanilla
+        )
+        for path in (long, short)
+        for vanilla in ((), ("--vanilla",))
+    }
+    for (path, vanilla), r in runs.items():
+        assert r.returncode == 0, r.stderr
+        warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+        if path == long and vanilla:
+            n = int(r.stderr.split("prompt ")[-1].split(" tokens")[0])
+            assert n > 64
+            assert warnings == [
+                f"warning: the prompt has {n} tokens, more than the 64 this model was trained on; "
+                "full attention degrades past that length (drop --vanilla for LM-Infinite)"
+            ]
+        else:
+            assert warnings == []

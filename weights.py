@@ -235,6 +235,12 @@ def gguf_tokenizer(meta):
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     pre = meta.get("tokenizer.ggml.pre", "default")
+    # llama.cpp's names for the splits written here: any other would split text another way
+    if pre not in ("default", "gpt-2", "smollm", "llama-bpe", "llama3"):
+        raise UserError(
+            f"GGUF pre-tokenizer {pre!r} is not supported (only default, gpt-2, smollm, llama-bpe, "
+            "llama3); use the model's Hugging Face checkpoint and its tokenizer.json instead"
+        )
     regex = Regex(LLAMA3_SPLIT if pre in ("llama-bpe", "llama3") else GPT2_SPLIT)
     split = pre_tokenizers.Split(regex, "isolated")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -572,6 +572,7 @@ def test_deeply_nested_json_is_one_line(tiny_ckpt, tmp_path):
         (dict(head_count=0), "its metadata does not describe a Llama model"),
         (dict(head_count=2), "has shape (32, 32), its metadata implies (16, 32)"),
         (dict(token_list=["a"] * 64), "its metadata does not describe a Llama model"),
+        (dict(tokenizer_pre="tekken"), "GGUF pre-tokenizer 'tekken' is not supported"),
     ],
 )
 def test_a_gguf_with_inconsistent_metadata(changed, words, tmp_path):

@@ -78,3 +78,29 @@ def test_greedy_continuation_matches_transformers(ours, hf_gguf, botchan):
             got.append(generation.sample(logits, 0.0, None))
             logits = generation.decode_one_token(w, config, torch.tensor(got[-1]), cache)
     assert got == expected, f"ours: {tok.decode(got)!r}\ntransformers: {tok.decode(expected)!r}"
+
+
+def test_a_llama3_gguf_splits_text_as_transformers_does(default_ckpt):
+    """A Llama-3 GGUF's tokenizer metadata ('llama-bpe', add_bos_token) over the default vocabulary:
+    text splits into the pieces transformers' own GGUF loader splits it into for 'llama-bpe', and
+    every encoding starts with BOS."""
+    import gguf
+    from tokenizers import Regex, pre_tokenizers
+
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    theirs = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(mapping.GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    reader = gguf.GGUFReader(str(weights.fetch_default_gguf()))
+    meta = {name: f.contents() for name, f in reader.fields.items() if name.startswith("tokenizer")}
+    meta |= {"tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.add_bos_token": True}
+    tok = weights.gguf_tokenizer(meta)
+    text = "Year 2024:  12345 tokens\n\n  it's DONE!!\r\nok  ééé 3.14159 I'LL"
+    pieces = lambda pre: [piece for piece, _ in pre.pre_tokenize_str(text)]
+    assert pieces(tok.pre_tokenizer) == pieces(theirs)
+    assert "Ġ2024" not in pieces(theirs) and "Ġ" in pieces(theirs)  # 2024 splits off its space
+    bos = meta["tokenizer.ggml.bos_token_id"]
+    assert tok.encode(text).ids[0] == bos and tok.encode(text).ids.count(bos) == 1

@@ -137,3 +137,24 @@ def test_top_k_changes_what_decoding_sees():
         w_np, config, tokens, LambdaConfig(1, 4, 4, top_k=3, top_k_distance=2), decoding_from=20
     )
     assert np.abs(plain[:20] - top[:20]).max() == 0 and np.abs(plain[20:] - top[20:]).max() > 1e-3
+
+
+def test_full_cache_grows_past_its_buffers():
+    """The full cache (vanilla) across two doublings of its buffers, one within a prefill chunk and
+    one while decoding: the logits of the NumPy definition."""
+    config, w, w_np = tiny(7)
+    tokens = torch.from_numpy(np.random.default_rng(7).integers(0, config.vocab_size, 620))
+    expected = reference.forward(w_np, config, tokens.numpy())
+    cache = caches.new_cache(config, None)
+    got = [model.forward(w, config, tokens[:100], None, cache)]
+    capacity = cache.k[0].shape[1]
+    got.append(model.forward(w, config, tokens[100:300], None, cache))
+    assert cache.k[0].shape[1] > capacity  # grown with a chunk
+    capacity = cache.k[0].shape[1]
+    got += [
+        model.forward(w, config, tokens[t : t + 1], None, cache, decoding=True)
+        for t in range(300, 620)
+    ]
+    assert cache.k[0].shape[1] > capacity and cache.length == 620  # and while decoding
+    diff = np.abs(torch.cat(got).numpy() - expected).max()
+    assert diff <= 1e-4, f"max abs diff {diff:.3g}"

@@ -95,9 +95,11 @@ def window(G, L):
     return LambdaConfig(G, L, L)
 
 
-def table(distances):
+def table(distances, T):
     """A (T, T) array of distances as a function of positions (i, j, lam), the form
     reference.forward takes."""
+    if np.shape(distances) != (T, T):
+        raise ValueError(f"its (T, T) distances have shape {np.shape(distances)}")
     return lambda i, j, lam: distances[i, j]
 
 
@@ -120,7 +122,7 @@ RUNS = {
     "keys_seen": ("count", lambda f, T, G, L: np.broadcast_to(f(np.arange(T), G, L), T), "", None),
     "streaming_distance": (
         "distance",
-        lambda f, T, G, L: table(f(T, G, L)),
+        lambda f, T, G, L: table(f(T, G, L), T),
         "the Λ mask (G={G}, L={L}) at your StreamingLLM distances",
         lambda G, L: {f"LM-Infinite's true distances, capped at d_max={L}": window(G, L)},
     ),
@@ -135,7 +137,7 @@ RUNS = {
     ),
     "capped_distance": (
         "distance",
-        lambda f, T, G, L: table(f(T, L // 4)),
+        lambda f, T, G, L: table(f(T, L // 4), T),
         "the Λ mask (G={G}, L={L}) with every distance capped at {quarter}",
         lambda G, L: {f"LM-Infinite: distances capped at d_max = L = {L}": window(G, L)},
     ),
@@ -257,18 +259,25 @@ def main(argv=None):
         raise UserError(f"--flex runs mask exercises only; run {name} without it")
     cli.writable(a.png, a.text, a.answers)
     f, where = answer(name, a.answers)
-    try:  # your function, on a small grid first: NotImplementedError shows up here
-        small = make(f, 4, G, L)
-        if kind == "mask":
-            small(np.arange(4)[:, None], np.arange(4)[None, :], window(G, L))
-    except Exception as e:  # not written yet, or a bug: one line, as for a file that does not run
-        wrong = f"raised {type(e).__name__} ({e}) on a 4-token grid; fix it"
-        if isinstance(e, NotImplementedError):
-            wrong = "is not written yet: replace its `raise NotImplementedError`"
-        raise UserError(f"{name} {wrong} in {where}") from None
+
+    def as_run(T):
+        """Your function as the run uses it at T tokens (a mask tried on 4 positions): not written
+        yet, or a bug, ends in one line, as for a file that does not run."""
+        try:
+            change = make(f, T, G, L)
+            if kind == "mask":
+                change(np.arange(4)[:, None], np.arange(4)[None, :], window(G, L))
+            return change
+        except Exception as e:
+            wrong = f"failed on a {T}-token grid ({type(e).__name__}: {e}); fix it"
+            if isinstance(e, NotImplementedError):
+                wrong = "is not written yet: replace its `raise NotImplementedError`"
+            raise UserError(f"{name} {wrong} in {where}") from None
+
+    as_run(4)  # a small grid first, before the model loads
     if kind == "count":
         cli.fits(32 * T, "cpu", f"--tokens {T}: counting keys", "use fewer tokens")
-        change = make(f, T, G, L)
+        change = as_run(T)
         pairs, full = int(change.sum()), T * (T + 1) // 2
         print(
             f"{T} queries, G={G}, L={L}: your m(i) sums to {pairs} (query, key) pairs, against "
@@ -281,7 +290,7 @@ def main(argv=None):
             need = 2 * cfg.num_attention_heads * T**2 * cfg.head_dim * 8  # float64, and a copy
             what = f"--tokens {a.tokens}: the NumPy pass over {T} tokens"
             cli.fits(need, "cpu", what, "use fewer tokens, or --flex (masks)")
-        change = make(f, T, G, L)
+        change = as_run(T)
         yours = perplexity(cfg, w, ids, window(G, L), a.flex, **{kind: change})
         engine = "torch FlexAttention" if a.flex else "the NumPy reference"
         print(f"{T} tokens of {Path(a.text).name}, perplexity ({engine}):")

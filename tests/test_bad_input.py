@@ -394,7 +394,12 @@ def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
         ("lminf_min.diagnose", ["entropy", "--text", "PROMPT", "--queries", "10000"], "--queries"),
         ("lminf_min.bench", ["decode", "--tokens", "0"], "--tokens is 0"),
         ("lminf_min.exercises", ["run", "window_mask", "--answers", "README"], "no such .py file"),
-        ("lminf_min.exercises", ["run", "window_mask", "--answers", "BUGGY"], "raised Attrib"),
+        ("lminf_min.exercises", ["run", "window_mask", "--answers", "BUGGY"], "(AttributeError:"),
+        (
+            "lminf_min.exercises",
+            ["run", "streaming_distance", "--answers", "SHAPE", "--tokens", "40", "--n-local", "4"],
+            "distances have shape (4, 4)",
+        ),
         ("lminf_min.mask", ["--png", "NODIR"], "does not exist"),
         ("lminf_min.exercises", ["run", "window_mask", "--tokens", str(10**12)], "NumPy pass"),
         pytest.param(
@@ -417,6 +422,11 @@ def test_bad_instrument_input(module, args, words, sp_ckpt, tmp_path):
     names["BUGGY"] = tmp_path / "buggy.py"  # an answer with a typo: it raises when called
     names["BUGGY"].write_text(
         "import numpy as np\ndef window_mask(i, j, n_local):\n    np.aray(i)\n"
+    )
+    names["SHAPE"] = tmp_path / "shape.py"  # distances for 4 tokens, whatever T is
+    names["SHAPE"].write_text(
+        "import numpy as np\ndef streaming_distance(T, n_global, n_local):\n"
+        "    return np.zeros((4, 4), dtype=int)\n"
     )
     args = [names.get(a, a) for a in args]
     if module in ("lminf_min.diagnose", "lminf_min.exercises") or args[0] == "stream":

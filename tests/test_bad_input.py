@@ -597,6 +597,23 @@ def test_a_bad_command_line_is_one_line(tmp_path):
         assert_clean_error(r, "see ", tmp_path)
 
 
+def test_a_reader_that_stops_early_is_no_traceback(sp_ckpt, tmp_path):
+    """`generate.py ... | head -c 1`: the reader goes away after the first byte; the run stops
+    quietly (exit 0, nothing on stderr), as Unix tools do."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the cat sat on the mat")
+    args = ["--ckpt", sp_ckpt, "--prompt", prompt, "--max-new-tokens", 400, "--temperature", 1]
+    child = subprocess.Popen(
+        [sys.executable, str(ROOT / "generate.py"), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    first = child.stdout.read(1)
+    child.stdout.close()  # the reader stops: the next write meets a broken pipe
+    err = child.stderr.read().decode()
+    assert first and child.wait() == 0 and err == "", err
+
+
 def test_a_closed_stdout_is_no_traceback(sp_ckpt, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("the cat sat on the mat")

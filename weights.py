@@ -203,7 +203,7 @@ def gguf_config(meta, tensor_names):
     if architecture != "llama":
         raise UserError(f"GGUF architecture {architecture!r} is not supported; only 'llama'")
     if scaling not in ("none", None):
-        raise UserError(f"GGUF uses RoPE scaling {scaling!r}, which is not supported")
+        raise UserError(f"GGUF RoPE scaling {scaling!r} is not supported; use a GGUF without it")
     heads = meta["llama.attention.head_count"]
     return {
         "architectures": ["LlamaForCausalLM"],

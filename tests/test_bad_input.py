@@ -16,6 +16,7 @@ import sys
 import time
 from unittest import mock
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -24,7 +25,7 @@ from test_gguf import write_tiny_gguf
 
 import generate
 import weights
-from conftest import ROOT, random_weights, run_module, tiny_config
+from conftest import ROOT, random_weights, run_module, tiny_config, write_checkpoint
 from lminf_min import cli
 from lminf_min.config import UserError
 
@@ -320,6 +321,19 @@ def test_float16_on_a_cpu_without_it_warns_and_loads(tiny_ckpt, capsys):
         assert len(err.splitlines()) == int(warned)
 
 
+def test_float16_overflowing_weights(tiny_ckpt, tmp_path):
+    """A weight past float16's range (65504) with --dtype float16 is refused, not read as inf."""
+    cfg = tiny_config()
+    tensors = random_weights(cfg)
+    tensors["model.norm.weight"][3] = 1e5
+    write_checkpoint(tiny_ckpt, cfg, tensors)
+    with pytest.raises(UserError) as e:
+        cli.load_model(tiny_ckpt, "cpu", "float16")
+    assert str(e.value).endswith("'model.norm.weight' overflows torch.float16; use float32")
+    assert_documented("error: " + str(e.value), tmp_path)
+    assert cli.load_model(tiny_ckpt, "cpu", "float32")[2]["model.norm.weight"][3] == 1e5
+
+
 def test_full_cache_larger_than_memory(sp_ckpt, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("the cat sat on the mat " * 50)
@@ -583,6 +597,8 @@ def test_deeply_nested_json_is_one_line(tiny_ckpt, tmp_path):
         (dict(head_count=2), "has shape (32, 32), its metadata implies (16, 32)"),
         (dict(token_list=["a"] * 64), "its metadata does not describe a Llama model"),
         (dict(tokenizer_pre="tekken"), "GGUF pre-tokenizer 'tekken' is not supported"),
+        (dict(rope_scaling_type=gguf.RopeScalingType.LINEAR), "RoPE scaling 'linear'"),
+        (dict(arch="mistral"), "GGUF architecture 'mistral' is not supported"),
     ],
 )
 def test_a_gguf_with_inconsistent_metadata(changed, words, tmp_path):

@@ -2,6 +2,7 @@
 into a stream score as near its start."""
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -158,3 +159,19 @@ def test_full_cache_grows_past_its_buffers():
     assert cache.k[0].shape[1] > capacity and cache.length == 620  # and while decoding
     diff = np.abs(torch.cat(got).numpy() - expected).max()
     assert diff <= 1e-4, f"max abs diff {diff:.3g}"
+
+
+def test_misuse_is_refused_before_the_cache_changes():
+    """A LambdaCache is bound to the LambdaConfig it was made for, and decoding takes one token:
+    other calls raise before anything is stored."""
+    config, w, _ = tiny(1)
+    lam = LambdaConfig(2, 8, 8)
+    cache = caches.LambdaCache(config.num_hidden_layers, lam)
+    model.forward(w, config, torch.arange(5), lam, cache)
+    before = [k.clone() for k in cache.k], cache.pos.clone(), cache.length
+    with pytest.raises(ValueError, match="made for"):
+        model.forward(w, config, torch.arange(3), LambdaConfig(2, 9, 9), cache)
+    with pytest.raises(ValueError, match="takes one token"):
+        model.forward(w, config, torch.arange(3), lam, cache, decoding=True)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], cache.k))
+    assert torch.equal(before[1], cache.pos) and before[2] == cache.length == 5

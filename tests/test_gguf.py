@@ -52,12 +52,12 @@ def gguf_name(hf):
     return f"blk.{layer}.{GGUF_NAMES['.'.join(mid)]}.{last}"
 
 
-def write_tiny_gguf(path, without=(), **changed):
+def write_tiny_gguf(path, without=(), arch="llama", **changed):
     """A tiny Llama GGUF as llama.cpp writes one (F32 tensors); `without`: metadata to leave out,
     `changed`: metadata to write with other values."""
     cfg = tiny_config(num_attention_heads=4, num_key_value_heads=2)
     hf = random_weights(cfg, seed=3)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     metadata = {
         "block_count": cfg["num_hidden_layers"],
         "context_length": cfg["max_position_embeddings"],

@@ -156,3 +156,28 @@ def test_a_folder_that_appears_at_out_meanwhile_is_not_replaced(tiny_gguf, tmp_p
         "ckpt",
         "tiny.gguf",
     ]
+
+
+def test_a_full_disk_during_conversion_is_one_line_and_leaves_nothing(
+    tiny_gguf, tmp_path, monkeypatch
+):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weights, "save_file", full)
+    with pytest.raises(UserError) as e:
+        weights.convert_gguf(tiny_gguf[0], tmp_path / "ckpt")
+    assert str(e.value) == (
+        f"cannot write {tmp_path / 'ckpt'} (No space left on device); pick a writable --out"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+
+
+def test_a_quantization_gguf_cannot_dequantize_is_one_line(tiny_gguf, tmp_path, monkeypatch):
+    def unknown(data, kind):
+        raise NotImplementedError
+
+    monkeypatch.setattr(gguf.quants, "dequantize", unknown)
+    with pytest.raises(UserError, match="the gguf package cannot dequantize F32 tensors; pick"):
+        weights.convert_gguf(tiny_gguf[0], tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]

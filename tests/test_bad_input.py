@@ -415,6 +415,7 @@ def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
             "distances have shape (4, 4)",
         ),
         ("lminf_min.mask", ["--png", "NODIR"], "does not exist"),
+        ("lminf_min.mask", ["--length", "500"], "--length is 500"),
         ("lminf_min.exercises", ["run", "window_mask", "--tokens", str(10**12)], "NumPy pass"),
         pytest.param(
             "lminf_min.bench",

@@ -175,6 +175,12 @@ GGUF_NAMES = {  # parts of Hugging Face's tensor names -> llama.cpp's, replaced 
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# llama.cpp's names of the pre-tokenizers written here (src/llama-vocab.cpp): the Llama 3 split
+# (these vocabularies also take a whole word that is a token as it is, and begin with BOS unless
+# the GGUF says otherwise), GPT-2's, and GPT-2's after splitting every digit off on its own
+LLAMA3_PRE = "llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2".split()
+GPT2_PRE = "gpt-2 phi-2 mpt olmo trillion".split()
+DIGITS_PRE = "smollm starcoder refact command-r codeshell exaone".split()
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_SPLIT = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
@@ -233,26 +239,25 @@ def gguf_tokenizer(meta):
     tokens = meta["tokenizer.ggml.tokens"]
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    # llama.cpp's names for the splits written here: any other would split text another way
-    if pre not in ("default", "gpt-2", "smollm", "llama-bpe", "llama3"):
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre not in LLAMA3_PRE + GPT2_PRE + DIGITS_PRE:  # e.g. 'default': the vocabulary's is unknown
         raise UserError(
-            f"GGUF pre-tokenizer {pre!r} is not supported (only default, gpt-2, smollm, llama-bpe, "
-            "llama3); use the model's Hugging Face checkpoint and its tokenizer.json instead"
+            f"GGUF pre-tokenizer {pre!r} is not one whose split is written here; use a Llama "
+            "Hugging Face checkpoint with its tokenizer.json instead"
         )
-    regex = Regex(LLAMA3_SPLIT if pre in ("llama-bpe", "llama3") else GPT2_SPLIT)
+    llama3 = pre in LLAMA3_PRE
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=llama3))
+    regex = Regex(LLAMA3_SPLIT if llama3 else GPT2_SPLIT)
     split = pre_tokenizers.Split(regex, "isolated")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    # llama.cpp's 'smollm': every digit on its own, then the GPT-2 split
-    digits = [pre_tokenizers.Digits(individual_digits=True)] if pre == "smollm" else []
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if pre in DIGITS_PRE else []
     tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, split, byte_level])
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     special = [t for t, kind in zip(tokens, types) if kind == 3]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     bos = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+    if meta.get("tokenizer.ggml.add_bos_token", llama3) and bos is not None:
         tok.post_processor = TemplateProcessing(
             single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)]
         )

@@ -260,24 +260,23 @@ def main(argv=None):
     cli.writable(a.png, a.text, a.answers)
     f, where = answer(name, a.answers)
 
-    def as_run(T):
-        """Your function as the run uses it at T tokens (a mask tried on 4 positions): not written
-        yet, or a bug, ends in one line, as for a file that does not run."""
+    def tried(T, run):
+        """run(), which calls your function at T tokens: not written yet, or a bug, ends in one
+        line, as for a file that does not run."""
         try:
-            change = make(f, T, G, L)
-            if kind == "mask":
-                change(np.arange(4)[:, None], np.arange(4)[None, :], window(G, L))
-            return change
+            return run()
         except Exception as e:
             wrong = f"failed on a {T}-token grid ({type(e).__name__}: {e}); fix it"
             if isinstance(e, NotImplementedError):
                 wrong = "is not written yet: replace its `raise NotImplementedError`"
             raise UserError(f"{name} {wrong} in {where}") from None
 
-    as_run(4)  # a small grid first, before the model loads
+    small = tried(4, lambda: make(f, 4, G, L))  # a small grid first, before the model loads
+    if kind == "mask":
+        tried(4, lambda: small(np.arange(4)[:, None], np.arange(4)[None, :], window(G, L)))
     if kind == "count":
         cli.fits(32 * T, "cpu", f"--tokens {T}: counting keys", "use fewer tokens")
-        change = as_run(T)
+        change = tried(T, lambda: make(f, T, G, L))
         pairs, full = int(change.sum()), T * (T + 1) // 2
         print(
             f"{T} queries, G={G}, L={L}: your m(i) sums to {pairs} (query, key) pairs, against "
@@ -290,15 +289,16 @@ def main(argv=None):
             need = 2 * cfg.num_attention_heads * T**2 * cfg.head_dim * 8  # float64, and a copy
             what = f"--tokens {a.tokens}: the NumPy pass over {T} tokens"
             cli.fits(need, "cpu", what, "use fewer tokens, or --flex (masks)")
-        change = as_run(T)
-        yours = perplexity(cfg, w, ids, window(G, L), a.flex, **{kind: change})
+        change = tried(T, lambda: make(f, T, G, L))
+        yours = tried(T, lambda: perplexity(cfg, w, ids, window(G, L), a.flex, **{kind: change}))
         engine = "torch FlexAttention" if a.flex else "the NumPy reference"
         print(f"{T} tokens of {Path(a.text).name}, perplexity ({engine}):")
         print(f"  {yours:8.2f}  {label.format(G=G, L=L, half=L // 2, quarter=L // 4)}")
         for run, lam in (beside(G, L) | ({} if a.flex else {"full attention": None})).items():
             print(f"  {remembered(cfg, w, ckpt, ids, lam, a.flex):8.2f}  {run}")
     if a.png:  # the first positions of yours, beside the answer (or what to compare with)
-        draw(a.png, name, kind, change, G, L, min(T, 256 if kind == "count" else 64))
+        n = min(T, 256 if kind == "count" else 64)
+        tried(n, lambda: draw(a.png, name, kind, change, G, L, n))
 
 
 if __name__ == "__main__":

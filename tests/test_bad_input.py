@@ -414,6 +414,11 @@ def test_bad_eval_input(args, words, sp_ckpt, tmp_path):
             ["run", "streaming_distance", "--answers", "SHAPE", "--tokens", "40", "--n-local", "4"],
             "distances have shape (4, 4)",
         ),
+        (
+            "lminf_min.exercises",
+            ["run", "window_mask", "--answers", "MASK4", "--tokens", "40"],
+            "failed on a 40-token grid (IndexError:",
+        ),
         ("lminf_min.mask", ["--png", "NODIR"], "does not exist"),
         ("lminf_min.mask", ["--length", "500"], "--length is 500"),
         ("lminf_min.exercises", ["run", "window_mask", "--tokens", str(10**12)], "NumPy pass"),
@@ -442,6 +447,11 @@ def test_bad_instrument_input(module, args, words, sp_ckpt, tmp_path):
     names["SHAPE"].write_text(
         "import numpy as np\ndef streaming_distance(T, n_global, n_local):\n"
         "    return np.zeros((4, 4), dtype=int)\n"
+    )
+    names["MASK4"] = tmp_path / "mask4.py"  # right on the 4-token grid, out of range past it
+    names["MASK4"].write_text(
+        "import numpy as np\ndef window_mask(i, j, n_local):\n"
+        "    return np.tril(np.ones((4, 4), bool))[i, j] & (i - j < n_local)\n"
     )
     args = [names.get(a, a) for a in args]
     if module in ("lminf_min.diagnose", "lminf_min.exercises") or args[0] == "stream":
@@ -597,7 +607,8 @@ def test_deeply_nested_json_is_one_line(tiny_ckpt, tmp_path):
         (dict(head_count=0), "its metadata does not describe a Llama model"),
         (dict(head_count=2), "has shape (32, 32), its metadata implies (16, 32)"),
         (dict(token_list=["a"] * 64), "its metadata does not describe a Llama model"),
-        (dict(tokenizer_pre="tekken"), "GGUF pre-tokenizer 'tekken' is not supported"),
+        (dict(tokenizer_pre="deepseek-llm"), "GGUF pre-tokenizer 'deepseek-llm' is not one"),
+        (dict(tokenizer_pre="default"), "GGUF pre-tokenizer 'default' is not one"),
         (dict(rope_scaling_type=gguf.RopeScalingType.LINEAR), "RoPE scaling 'linear'"),
         (dict(arch="mistral"), "GGUF architecture 'mistral' is not supported"),
     ],
@@ -615,8 +626,8 @@ def test_a_bad_command_line_is_one_line(tmp_path):
 
 
 def test_a_reader_that_stops_early_is_no_traceback(sp_ckpt, tmp_path):
-    """`generate.py ... | head -c 1`: the reader goes away after the first byte; the run stops
-    quietly (exit 0, nothing on stderr), as Unix tools do."""
+    """`generate.py ... | head -c 1`: the reader goes away early; the run stops quietly (exit 0,
+    nothing on stderr), as Unix tools do."""
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("the cat sat on the mat")
     args = ["--ckpt", sp_ckpt, "--prompt", prompt, "--max-new-tokens", 400, "--temperature", 1]
@@ -625,10 +636,9 @@ def test_a_reader_that_stops_early_is_no_traceback(sp_ckpt, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    first = child.stdout.read(1)
-    child.stdout.close()  # the reader stops: the next write meets a broken pipe
+    child.stdout.close()  # the reader stops before the first token: its write meets a broken pipe
     err = child.stderr.read().decode()
-    assert first and child.wait() == 0 and err == "", err
+    assert child.wait() == 0 and err == "", err
 
 
 def test_a_closed_stdout_is_no_traceback(sp_ckpt, tmp_path):

@@ -1,6 +1,8 @@
 """The converted default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers' own GGUF
 loader."""
 
+import json
+
 import pytest
 import torch
 
@@ -80,10 +82,13 @@ def test_greedy_continuation_matches_transformers(ours, hf_gguf, botchan):
     assert got == expected, f"ours: {tok.decode(got)!r}\ntransformers: {tok.decode(expected)!r}"
 
 
+ADD_BOS = "tokenizer.ggml.add_bos_token"
+
+
 def test_a_llama3_gguf_splits_text_as_transformers_does(default_ckpt):
-    """A Llama-3 GGUF's tokenizer metadata ('llama-bpe', add_bos_token) over the default vocabulary:
-    text splits into the pieces transformers' own GGUF loader splits it into for 'llama-bpe', and
-    every encoding starts with BOS."""
+    """A Llama-3 GGUF's tokenizer metadata ('llama-bpe') over the default vocabulary: text splits
+    into the pieces transformers' own GGUF loader splits it into for 'llama-bpe', and every encoding
+    starts with BOS unless add_bos_token says False."""
     import gguf
     from tokenizers import Regex, pre_tokenizers
 
@@ -96,11 +101,16 @@ def test_a_llama3_gguf_splits_text_as_transformers_does(default_ckpt):
     )
     reader = gguf.GGUFReader(str(weights.fetch_default_gguf()))
     meta = {name: f.contents() for name, f in reader.fields.items() if name.startswith("tokenizer")}
-    meta |= {"tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.add_bos_token": True}
-    tok = weights.gguf_tokenizer(meta)
+    # no add_bos_token key: llama.cpp adds BOS for these vocabularies unless the GGUF says not to
+    meta = {k: v for k, v in meta.items() if k != ADD_BOS}
+    tok = weights.gguf_tokenizer(meta | {"tokenizer.ggml.pre": "llama-bpe"})
     text = "Year 2024:  12345 tokens\n\n  it's DONE!!\r\nok  ééé 3.14159 I'LL"
     pieces = lambda pre: [piece for piece, _ in pre.pre_tokenize_str(text)]
     assert pieces(tok.pre_tokenizer) == pieces(theirs)
     assert "Ġ2024" not in pieces(theirs) and "Ġ" in pieces(theirs)  # 2024 splits off its space
     bos = meta["tokenizer.ggml.bos_token_id"]
     assert tok.encode(text).ids[0] == bos and tok.encode(text).ids.count(bos) == 1
+    # llama.cpp also takes a whole word that is a token as it is, without its merges
+    assert json.loads(tok.to_str())["model"]["ignore_merges"] is True
+    no_bos = weights.gguf_tokenizer(meta | {"tokenizer.ggml.pre": "llama-bpe", ADD_BOS: False})
+    assert no_bos.encode(text).ids == tok.encode(text).ids[1:]

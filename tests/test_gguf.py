@@ -69,7 +69,7 @@ def write_tiny_gguf(path, without=(), arch="llama", **changed):
         "rope_freq_base": cfg["rope_theta"],
         "layer_norm_rms_eps": 1e-6,
         "tokenizer_model": "gpt2",
-        "tokenizer_pre": "default",
+        "tokenizer_pre": "gpt-2",
         "token_list": TOKENS,
         "token_types": [1] * 29 + [3] * 35,
         "token_merges": ["a b", "ab c"],
